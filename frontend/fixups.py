@@ -1,0 +1,71 @@
+"""Export fix-ups: graph passes that repair known breakages without editing diffusers.
+
+Each is a transform on a :class:`~adatsq.frontend.export.DiTGraph` that must not change results.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..passes.infra import Pass, PassResult, Pipeline
+from .architectures import Adapter
+
+aten = torch.ops.aten
+
+
+def _static_size(node: torch.fx.Node, dim: int) -> int | None:
+    val = node.meta.get("val")
+    if val is None:
+        return None
+    size = val.shape[dim]
+    return size if isinstance(size, int) else None
+
+
+class RemoveNoopSqueeze(Pass):
+    """Drop ``squeeze(dim)`` nodes whose squeezed dimensions are not of size 1.
+
+    In torch such a squeeze is a no-op, but ONNX ``Squeeze`` with those axes is invalid and
+    onnxruntime refuses the model (PixArt's ``hidden_states.squeeze(1)``).
+    """
+
+    preserves = ("adatsq.layer",)
+
+    def call(self, graph):
+        gm = graph.program.graph_module
+        modified = False
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target not in (aten.squeeze.dim, aten.squeeze.dims):
+                continue
+            src = node.args[0]
+            dims = node.args[1] if len(node.args) > 1 else None
+            dims = [dims] if isinstance(dims, int) else list(dims or [])
+            rank = len(src.meta["val"].shape)
+            sizes = [_static_size(src, d % rank) for d in dims]
+            if dims and all(s is not None and s != 1 for s in sizes):
+                node.replace_all_uses_with(src)
+                gm.graph.erase_node(node)
+                modified = True
+        if modified:
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(graph, modified)
+
+    def ensures(self, graph):
+        for node in graph.graph.nodes:
+            if node.op == "call_function" and node.target in (aten.squeeze.dim, aten.squeeze.dims):
+                src = node.args[0]
+                dims = node.args[1] if len(node.args) > 1 else []
+                dims = [dims] if isinstance(dims, int) else list(dims)
+                rank = len(src.meta["val"].shape)
+                if dims and all((_static_size(src, d % rank) or 1) != 1 for d in dims):
+                    raise AssertionError(f"no-op squeeze {node.name} left in graph")
+
+
+FIXUPS = {"RemoveNoopSqueeze": RemoveNoopSqueeze}
+
+
+def fixup_pipeline(adapter: Adapter) -> Pipeline:
+    from .complex_rope import LowerComplexToReal
+
+    FIXUPS.setdefault("LowerComplexToReal", LowerComplexToReal)
+    return Pipeline([FIXUPS[name]() for name in adapter.fixups], name=f"fixups[{adapter.arch}]")

@@ -61,11 +61,45 @@ class RemoveNoopSqueeze(Pass):
                     raise AssertionError(f"no-op squeeze {node.name} left in graph")
 
 
-FIXUPS = {"RemoveNoopSqueeze": RemoveNoopSqueeze}
+class CanonicalizeEmptyPermuted(Pass):
+    """Rewrite ``empty_permuted(size, identity perm)`` as ``empty(size)``.
+
+    ``empty_like`` decomposes to ``empty_permuted`` (Wan's RoPE writes into an ``empty_like``
+    buffer); the ONNX exporter has no lowering for it. Results are unchanged: the buffer is
+    fully overwritten, and the identity permutation is the default contiguous layout.
+    """
+
+    preserves = ("adatsq.layer",)
+
+    def call(self, graph):
+        gm = graph.program.graph_module
+        modified = False
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and node.target is aten.empty_permuted.default:
+                size, perm = node.args[0], list(node.args[1])
+                if perm != list(range(len(perm))):
+                    continue
+                kwargs = {k: v for k, v in node.kwargs.items() if k in ("dtype", "layout", "device", "pin_memory")}
+                with gm.graph.inserting_before(node):
+                    new = gm.graph.call_function(aten.empty.memory_format, (size,), kwargs)
+                new.meta = dict(node.meta)
+                node.replace_all_uses_with(new)
+                gm.graph.erase_node(node)
+                modified = True
+        if modified:
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(graph, modified)
+
+
+#: fix-ups every architecture gets, before its own
+COMMON_FIXUPS = ("CanonicalizeEmptyPermuted",)
+FIXUPS = {"RemoveNoopSqueeze": RemoveNoopSqueeze, "CanonicalizeEmptyPermuted": CanonicalizeEmptyPermuted}
 
 
 def fixup_pipeline(adapter: Adapter) -> Pipeline:
     from .complex_rope import LowerComplexToReal
 
     FIXUPS.setdefault("LowerComplexToReal", LowerComplexToReal)
-    return Pipeline([FIXUPS[name]() for name in adapter.fixups], name=f"fixups[{adapter.arch}]")
+    names = COMMON_FIXUPS + tuple(adapter.fixups)
+    return Pipeline([FIXUPS[name]() for name in names], name=f"fixups[{adapter.arch}]")

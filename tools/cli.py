@@ -1,0 +1,207 @@
+"""The ``adatsq`` command line.
+
+    adatsq inspect MODEL [--json FILE] [--layers]     layer table of a builtin, a folder or an .onnx file
+    adatsq export  MODEL -o OUT.onnx [--json FILE]    torch.export -> ONNX (opset 21) with annotations
+    adatsq models                                     the builtin models
+
+Errors caused by the input are printed on one line and exit with code 2; nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import AdatsqError
+
+console = Console(stderr=False, highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def _add_resolution_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling resolution (latent units; defaults: the architecture's own)")
+    g.add_argument("--height", type=int, help="latent height")
+    g.add_argument("--width", type=int, help="latent width")
+    g.add_argument("--text-len", type=int, help="number of text tokens")
+    g.add_argument("--frames", type=int, help="latent frames (video models)")
+    g.add_argument("--batch", type=int, help="example batch size used for export")
+    p.add_argument("--static", action="store_true", help="export with static shapes (no dynamic batch/tokens)")
+    p.add_argument("--seed", type=int, default=0, help="seed for builtin weights and example inputs")
+
+
+def _resolution(args, adapter):
+    import dataclasses
+
+    base = adapter.default_resolution
+    over = {k: getattr(args, k) for k in ("height", "width", "text_len", "frames", "batch")
+            if getattr(args, k, None) is not None}
+    return dataclasses.replace(base, **over) if over else base
+
+
+def _export(args):
+    from ..frontend.export import export_model
+    from ..frontend.loading import resolve_model
+
+    with console.status(f"loading {args.model}…"):
+        model, adapter = resolve_model(args.model, seed=args.seed)
+    res = _resolution(args, adapter)
+    t0 = time.perf_counter()
+    with console.status(f"torch.export of {adapter.arch} at {res.height}x{res.width} latent, "
+                        f"{res.text_len} text tokens…"):
+        graph = export_model(model, res, dynamic=not args.static, seed=args.seed)
+    console.print(f"[green]exported[/] {adapter.arch} in {time.perf_counter() - t0:.1f}s "
+                  f"({sum(1 for n in graph.graph.nodes if n.op == 'call_function')} ops, "
+                  f"{'dynamic' if graph.dynamic else 'static'} shapes)")
+    return graph
+
+
+def _table_of(args):
+    from ..frontend.layers import LayerTable
+
+    if str(args.model).endswith(".onnx"):
+        from ..frontend.onnx_io import layer_table_from_onnx
+
+        with console.status(f"reading {args.model}…"):
+            return layer_table_from_onnx(args.model)
+    return LayerTable.from_graph(_export(args))
+
+
+def _fmt_int(n) -> str:
+    if n is None:
+        return "?"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def print_table(table, show_layers: bool = False) -> None:
+    res = table.resolution or {}
+    total_p = sum(i.params for i in table)
+    known = [i.macs for i in table if i.macs is not None]
+    console.print(f"[bold]{table.arch}[/] ({table.source}): {len(table)} quantizable layers, "
+                  f"{_fmt_int(total_p)} parameters"
+                  + (f", {_fmt_int(sum(known))} MACs per sample per step" if len(known) == len(table) else "")
+                  + (f" at {res.get('height')}x{res.get('width')} latent, {res.get('text_len')} text tokens"
+                     + (f", {res.get('frames')} frames" if res.get("frames", 1) > 1 else "") if res else ""))
+    t = Table(title="per role", show_lines=False)
+    for col, just in (("role", "left"), ("layers", "right"), ("params", "right"), ("param share", "right"),
+                      ("MACs/step", "right"), ("MAC share", "right")):
+        t.add_column(col, justify=just)
+    for r in table.totals():
+        t.add_row(r["role"], str(r["layers"]), _fmt_int(r["params"]), f"{100 * r['param_share']:.1f}%",
+                  _fmt_int(r["macs"]), "?" if r["mac_share"] is None else f"{100 * r['mac_share']:.1f}%")
+    console.print(t)
+    if show_layers:
+        lt = Table(title="layers")
+        for col in ("param", "role", "block", "shape", "MACs/token", "tokens", "calls"):
+            lt.add_column(col)
+        for i in table:
+            lt.add_row(i.param, i.role, "-" if i.block_index is None else str(i.block_index),
+                       "x".join(map(str, i.shape)), _fmt_int(i.macs_per_token), _fmt_int(i.tokens), str(i.calls))
+        console.print(lt)
+
+
+def cmd_inspect(args) -> int:
+    table = _table_of(args)
+    print_table(table, args.layers)
+    if args.json:
+        table.save(args.json)
+        console.print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ..frontend.layers import LayerTable
+    from ..frontend.onnx_io import export_onnx
+
+    graph = _export(args)
+    table = LayerTable.from_graph(graph)
+    t0 = time.perf_counter()
+    with console.status(f"ONNX export (opset {args.opset})…"):
+        export_onnx(graph, args.output, opset=args.opset, table=table)
+    console.print(f"[green]wrote[/] {args.output} ({Path(args.output).stat().st_size / 1e6:.1f} MB, "
+                  f"{time.perf_counter() - t0:.1f}s)")
+    if args.json:
+        table.save(args.json)
+        console.print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from ..frontend.architectures import BUILTINS
+
+    t = Table(title="builtin models (tiny, random init)")
+    for col in ("name", "architecture", "params", "default resolution"):
+        t.add_column(col)
+    for name, a in sorted(BUILTINS.items()):
+        m = a.tiny()
+        r = a.default_resolution
+        t.add_row(name, a.arch, _fmt_int(sum(p.numel() for p in m.parameters())),
+                  f"{r.height}x{r.width}, {r.text_len} text" + (f", {r.frames} frames" if a.video else ""))
+    console.print(t)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adatsq", description="AdaTSQ: an ahead-of-time compiler for diffusion "
+                                "transformers (timestep-adaptive mixed-precision quantization).")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pi = sub.add_parser("inspect", help="print the quantizable-layer table of a model")
+    pi.add_argument("model", help="a builtin name (see `adatsq models`), a diffusers transformer folder, or an .onnx")
+    pi.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    pi.add_argument("--layers", action="store_true", help="print every layer, not only per-role totals")
+    _add_resolution_args(pi)
+    pi.set_defaults(func=cmd_inspect)
+
+    pe = sub.add_parser("export", help="export a model to ONNX (torch.export, opset >= 21)")
+    pe.add_argument("model", help="a builtin name or a diffusers transformer folder")
+    pe.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
+    pe.add_argument("--opset", type=int, default=21)
+    pe.add_argument("--json", metavar="FILE", help="also write the layer table as JSON")
+    _add_resolution_args(pe)
+    pe.set_defaults(func=cmd_export)
+
+    pm = sub.add_parser("models", help="list the builtin models")
+    pm.set_defaults(func=cmd_models)
+    return p
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("adatsq")
+    except Exception:
+        return "unknown"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AdatsqError as exc:
+        err_console.print(f"adatsq: error: {exc}", markup=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err_console.print("adatsq: interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -90,37 +91,52 @@ def _jsonable(config) -> dict:
 
 
 def save_onnx(model, path: str | Path) -> None:
+    """Save atomically; above 1 GiB of weights they go to ``<name>.data`` beside the model.
+
+    Both files are written in a temporary folder beside the target and renamed into place only
+    after the whole save succeeded (data first, then the model that refers to it).
+    """
+    import shutil
+    import tempfile
+
     import onnx
 
-    from ..tools.io import atomic_path
-
     path = Path(path)
-    large = model.ByteSize() > _EXTERNAL_DATA_THRESHOLD
-    with atomic_path(path) as tmp:
-        if large:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weight_bytes = sum(len(t.raw_data) or 4 * len(t.float_data) for t in model.graph.initializer)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        if weight_bytes > _EXTERNAL_DATA_THRESHOLD:
             data = path.name + ".data"
-            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data)
-            # the external data file was written beside tmp under its final name
+            onnx.save_model(model, str(tmpdir / path.name), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data)
+            os.replace(tmpdir / data, path.parent / data)
         else:
-            onnx.save_model(model, str(tmp))
+            onnx.save_model(model, str(tmpdir / path.name))
+        os.replace(tmpdir / path.name, path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def load_onnx(path: str | Path):
-    """Load and check an ONNX file; a missing, truncated or corrupt file is an InputError."""
+def load_onnx(path: str | Path, *, load_weights: bool = True):
+    """Load and check an ONNX file; a missing, truncated or corrupt file is an InputError.
+
+    With ``load_weights=False`` external weight data is not read (the layer table needs only
+    initializer shapes, which are in the model file itself).
+    """
     import onnx
 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=load_weights)
     except Exception as exc:  # protobuf DecodeError, missing external data, ...
         raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
     if not model.graph.node:
         raise InputError(f"{path}: ONNX model has an empty graph (truncated or not an ONNX file)")
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(path))  # by path: works with external data and > 2 GiB models
     except Exception as exc:
         raise InputError(f"{path}: invalid ONNX model ({str(exc).splitlines()[0]})") from None
     return model
@@ -163,7 +179,7 @@ def layer_table_from_onnx(model: Any) -> LayerTable:
     from onnx import numpy_helper
 
     if isinstance(model, (str, Path)):
-        model = load_onnx(model)
+        model = load_onnx(model, load_weights=False)
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     producers = {o: n for n in g.node for o in n.output}

@@ -1,0 +1,91 @@
+"""The adatsq command line: inspect/export on builtins, folders and ONNX files; one-line errors
+with exit code 2 and no partial output."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from adatsq.tools.cli import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "adatsq", *args], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+def test_inspect_builtin_writes_json(tmp_path, capsys):
+    out = tmp_path / "out.json"
+    assert main(["inspect", "tiny-flux", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["arch"] == "FluxTransformer2DModel" and len(data["layers"]) == 50
+    roles = {r["role"]: r for r in data["totals"]}
+    assert abs(sum(r["param_share"] for r in roles.values()) - 1) < 1e-9
+    assert abs(sum(r["mac_share"] for r in roles.values()) - 1) < 1e-9
+    assert roles["attn_q"]["layers"] == 6  # 2 double blocks x (to_q, add_q_proj) + 2 single blocks
+    printed = capsys.readouterr().out
+    assert "mlp_down" in printed and "50 quantizable layers" in printed
+
+
+def test_export_then_inspect_onnx(tmp_path, capsys):
+    onnx_path, table_json = tmp_path / "m.onnx", tmp_path / "t.json"
+    assert main(["export", "tiny-wan", "-o", str(onnx_path), "--json", str(table_json)]) == 0
+    capsys.readouterr()
+    onnx_json = tmp_path / "from_onnx.json"
+    assert main(["inspect", str(onnx_path), "--json", str(onnx_json)]) == 0
+    a, b = json.loads(table_json.read_text()), json.loads(onnx_json.read_text())
+    assert a["source"] == "torch.export" and b["source"] == "onnx"
+    strip = lambda d: [{k: v for k, v in l.items() if k not in ("fx_nodes", "onnx_nodes", "calls")}
+                       for l in d["layers"]]
+    assert strip(a) == strip(b)
+    assert a["totals"] == b["totals"]
+    assert "WanTransformer3DModel (onnx)" in capsys.readouterr().out
+
+
+def test_folder(tmp_path):
+    from adatsq.frontend.architectures import BUILTINS
+
+    BUILTINS["tiny-pixart"].tiny().save_pretrained(tmp_path / "pixart", safe_serialization=True)
+    out = tmp_path / "pixart.json"
+    assert main(["inspect", str(tmp_path / "pixart"), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["arch"] == "PixArtTransformer2DModel"
+
+
+def _write(path, data):
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("make_bad, needle", [
+    (lambda d: d / "absent", "absent: no such file or folder"),
+    (lambda d: (d / "empty").mkdir() or d / "empty", "empty: no config.json"),
+    (lambda d: _write(d / "trunc.onnx", b"\x08\x07\x12\x05junk-junk"), "trunc.onnx"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, make_bad, needle):
+    target = make_bad(tmp_path)
+    out = tmp_path / "never.json"
+    r = run_cli("inspect", str(target), "--json", str(out))
+    assert r.returncode == 2, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("adatsq: error:") and needle in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
+
+
+def test_bad_resolution_and_arch(tmp_path):
+    r = run_cli("inspect", "tiny-sd3", "--height", "15")
+    assert r.returncode == 2 and "latent height 15 is not a multiple of the patch size 2" in r.stderr
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    r = run_cli("inspect", str(folder))
+    assert r.returncode == 2 and "unsupported architecture 'UNet2DConditionModel'" in r.stderr
+
+
+def test_export_failure_leaves_no_file(tmp_path):
+    out = tmp_path / "m.onnx"
+    r = run_cli("export", "tiny-flux", "-o", str(out), "--opset", "17")
+    assert r.returncode == 2 and "opset 17 is too old" in r.stderr
+    assert list(tmp_path.iterdir()) == []

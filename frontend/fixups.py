@@ -92,9 +92,42 @@ class CanonicalizeEmptyPermuted(Pass):
         return PassResult(graph, modified)
 
 
+class IndexWithInt64(Pass):
+    """Cast integer index tensors of ``aten.index.Tensor`` to int64.
+
+    torch indexes with int32 tensors (Z-Image's RoPE position ids are int32); ONNX ``GatherND``
+    accepts only int64 and onnxruntime refuses such a model. The cast is exact.
+    """
+
+    preserves = ("adatsq.layer",)
+
+    def call(self, graph):
+        gm = graph.program.graph_module
+        modified = False
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target is not aten.index.Tensor:
+                continue
+            indices = list(node.args[1])
+            for k, idx in enumerate(indices):
+                val = getattr(idx, "meta", {}).get("val")
+                if val is None or val.dtype in (torch.int64, torch.bool) or val.dtype.is_floating_point:
+                    continue
+                with gm.graph.inserting_before(node):
+                    cast = gm.graph.call_function(aten._to_copy.default, (idx,), {"dtype": torch.int64})
+                cast.meta = {**{k2: v for k2, v in idx.meta.items() if k2 != "val"}, "val": val.to(torch.int64)}
+                indices[k] = cast
+                modified = True
+            node.args = (node.args[0], indices, *node.args[2:])
+        if modified:
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(graph, modified)
+
+
 #: fix-ups every architecture gets, before its own
-COMMON_FIXUPS = ("CanonicalizeEmptyPermuted",)
-FIXUPS = {"RemoveNoopSqueeze": RemoveNoopSqueeze, "CanonicalizeEmptyPermuted": CanonicalizeEmptyPermuted}
+COMMON_FIXUPS = ("CanonicalizeEmptyPermuted", "IndexWithInt64")
+FIXUPS = {"RemoveNoopSqueeze": RemoveNoopSqueeze, "CanonicalizeEmptyPermuted": CanonicalizeEmptyPermuted,
+          "IndexWithInt64": IndexWithInt64}
 
 
 def fixup_pipeline(adapter: Adapter) -> Pipeline:

@@ -259,9 +259,13 @@ def _wan_check(config, res):
 
 def _wan_dynamic(model, res):
     b, t = _batch(), _text()
-    _, ph, pw = model.config.patch_size
-    return dict(hidden_states={0: b, 3: _spatial(ph, "height"), 4: _spatial(pw, "width")}, timestep={0: b},
-                encoder_hidden_states={0: b, 1: t})
+    pf, ph, pw = model.config.patch_size
+    hs = {0: b, 3: _spatial(ph, "height"), 4: _spatial(pw, "width")}
+    if res.frames >= 2 and pf == 1:
+        # RoPE tables bound the frame count; a 1-frame example would be specialised (0/1 rule),
+        # so frames are dynamic only for video resolutions.
+        hs[2] = Dim("frames", min=2, max=model.config.rope_max_seq_len)
+    return dict(hidden_states=hs, timestep={0: b}, encoder_hidden_states={0: b, 1: t})
 
 
 # --------------------------------------------------------------------------- Z-Image

@@ -64,6 +64,9 @@ def load_folder(path: str | Path) -> nn.Module:
         k = bad[0]
         raise InputError(f"{folder}: weight {k} has shape {tuple(state[k].shape)}, config expects "
                          f"{tuple(expected[k].shape)}")
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(dtypes) == 1:  # keep the checkpoint's precision (bf16 checkpoints stay bf16)
+        model = model.to(dtypes.pop())
     model.load_state_dict(state, strict=True)
     return model.eval()
 

@@ -68,8 +68,11 @@ def _attach_annotations(model, graph, table: LayerTable) -> None:
         fx = _fx_name(node)
         if fx in refs:
             _set_props(node.metadata_props, refs[fx])
+    from ..passes.plan import fingerprint_graph
+
     model_meta = dict(arch=graph.arch, config=_jsonable(graph.config), resolution=dataclasses.asdict(graph.resolution),
-                      inputs={k: list(v.shape) for k, v in graph.example_inputs.items()})
+                      inputs={k: list(v.shape) for k, v in graph.example_inputs.items()},
+                      fingerprint=dataclasses.asdict(fingerprint_graph(graph)))
     _set_props(model.metadata_props, {"adatsq.model": json.dumps(model_meta, sort_keys=True),
                                       "adatsq.layers": json.dumps(table.to_json())})
     del onnx

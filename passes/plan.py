@@ -62,18 +62,31 @@ class ModelFingerprint:
         return hashlib.sha256((self.config_sha256 + self.weights_sha256).encode()).hexdigest()[:16]
 
 
-def fingerprint_model(model: Any) -> ModelFingerprint:
-    """Hash of the model's config (canonical JSON, private keys dropped) and of every weight tensor."""
+def fingerprint(arch: str, config: Mapping[str, Any], state_dict: Mapping[str, Any]) -> ModelFingerprint:
+    """Hash of a config (canonical JSON, private ``_`` keys dropped) and of every weight tensor."""
     import torch
 
-    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
-    cfg = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    cfg = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    cfg_hash = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in sorted(state_dict.items()):
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
         h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return ModelFingerprint(type(model).__name__, cfg, h.hexdigest())
+    return ModelFingerprint(arch, cfg_hash, h.hexdigest())
+
+
+def fingerprint_model(model: Any) -> ModelFingerprint:
+    """Fingerprint of a diffusers model instance."""
+    return fingerprint(type(model).__name__, model.config, model.state_dict())
+
+
+def fingerprint_graph(graph: Any) -> ModelFingerprint:
+    """Fingerprint of the model a DiTGraph was exported from (equal to :func:`fingerprint_model`)."""
+    from ..frontend.architectures import param_name
+
+    state = {param_name(k): v for k, v in graph.program.state_dict.items()}
+    return fingerprint(graph.arch, graph.config, state)
 
 
 @dataclasses.dataclass(frozen=True)

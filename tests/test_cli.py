@@ -89,3 +89,22 @@ def test_export_failure_leaves_no_file(tmp_path):
     r = run_cli("export", "tiny-flux", "-o", str(out), "--opset", "17")
     assert r.returncode == 2 and "opset 17 is too old" in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_check_through_cli(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    assert main(["plan", "tiny-dit", "-o", str(plan), "--steps", "3", "--precision", "W4A8"]) == 0
+    data = json.loads(plan.read_text())
+    assert data["achieved"] == {"w_bits": 4.0, "a_bits": 8.0} and len(data["assignment"]) == 3
+    assert main(["inspect", "tiny-dit", "--plan", str(plan)]) == 0
+    onnx_path = tmp_path / "dit.onnx"
+    assert main(["export", "tiny-dit", "-o", str(onnx_path)]) == 0
+    assert main(["inspect", str(onnx_path), "--plan", str(plan)]) == 0  # fingerprint travels in the ONNX
+    capsys.readouterr()
+    r = run_cli("inspect", "tiny-dit", "--seed", "1", "--plan", str(plan))  # same config, other weights
+    assert r.returncode == 2 and "plan.json: made for another model" in r.stderr and "weights differ" in r.stderr
+    r = run_cli("inspect", "tiny-flux", "--plan", str(plan))
+    assert r.returncode == 2 and "architecture differ" in r.stderr
+    r = run_cli("plan", "tiny-dit", "-o", str(tmp_path / "bad.json"), "--precision", "W5A5")
+    assert r.returncode == 2 and "'W5A5' not in the lattice" in r.stderr
+    assert not (tmp_path / "bad.json").exists()

@@ -2,6 +2,7 @@
 
     adatsq inspect MODEL [--json FILE] [--layers]     layer table of a builtin, a folder or an .onnx file
     adatsq export  MODEL -o OUT.onnx [--json FILE]    torch.export -> ONNX (opset 21) with annotations
+    adatsq plan    MODEL -o PLAN.json [--precision P] a uniform precision plan (search: later release)
     adatsq models                                     the builtin models
 
 Errors caused by the input are printed on one line and exit with code 2; nothing is half-written.
@@ -62,15 +63,20 @@ def _export(args):
     return graph
 
 
-def _table_of(args):
+def _table_and_fingerprint(args):
+    """(layer table, model fingerprint or None) of a builtin, a folder or an .onnx file."""
     from ..frontend.layers import LayerTable
+    from ..passes.plan import ModelFingerprint, fingerprint_graph
 
     if str(args.model).endswith(".onnx"):
-        from ..frontend.onnx_io import layer_table_from_onnx
+        from ..frontend.onnx_io import load_onnx, layer_table_from_onnx, model_metadata
 
         with console.status(f"reading {args.model}…"):
-            return layer_table_from_onnx(args.model)
-    return LayerTable.from_graph(_export(args))
+            model = load_onnx(args.model, load_weights=False)
+            fp = model_metadata(model).get("fingerprint")
+            return layer_table_from_onnx(model), (ModelFingerprint(**fp) if fp else None)
+    graph = _export(args)
+    return LayerTable.from_graph(graph), fingerprint_graph(graph)
 
 
 def _fmt_int(n) -> str:
@@ -109,9 +115,38 @@ def print_table(table, show_layers: bool = False) -> None:
         console.print(lt)
 
 
+def print_plan(plan) -> None:
+    from collections import Counter
+
+    s = plan.schedule
+    console.print(f"[bold]plan[/] v{plan.version} for {plan.model.arch} {plan.model.short}: {s.num_steps} steps "
+                  f"({s.scheduler}, guidance {s.guidance}), {len(plan.layers)} layers; achieved "
+                  f"W{plan.achieved.w_bits:.2f} A{plan.achieved.a_bits:.2f}"
+                  + (f" (budget W{plan.budget.w_bits:.2f} A{plan.budget.a_bits:.2f})" if plan.budget else ""))
+    t = Table(title="layers per precision, by step")
+    t.add_column("step")
+    t.add_column("timestep", justify="right")
+    for p in plan.lattice:
+        t.add_column(p.name, justify="right")
+    for k, row in enumerate(plan.assignment):
+        c = Counter(row)
+        t.add_row(str(k), f"{s.timesteps[k]:.1f}", *(str(c.get(p.name, 0)) for p in plan.lattice))
+    console.print(t)
+
+
 def cmd_inspect(args) -> int:
-    table = _table_of(args)
+    from ..errors import PlanError
+    from ..passes.plan import PrecisionPlan
+
+    plan = PrecisionPlan.load(args.plan) if args.plan else None  # fail fast, before exporting
+    table, fp = _table_and_fingerprint(args)
+    if plan is not None:
+        if fp is None:
+            raise PlanError(f"{args.plan}: cannot check the plan: {args.model} carries no adatsq model fingerprint")
+        plan.check_model(fp, table, where=str(args.plan))
     print_table(table, args.layers)
+    if plan is not None:
+        print_plan(plan)
     if args.json:
         table.save(args.json)
         console.print(f"wrote {args.json}")
@@ -132,6 +167,22 @@ def cmd_export(args) -> int:
     if args.json:
         table.save(args.json)
         console.print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from ..frontend.schedule import default_schedule
+    from ..passes.plan import PrecisionPlan
+
+    if str(args.model).endswith(".onnx"):
+        from ..errors import InputError
+
+        raise InputError(f"{args.model}: make plans from the model (builtin or folder), not from an .onnx file")
+    table, fp = _table_and_fingerprint(args)
+    plan = PrecisionPlan.uniform(table, fp, default_schedule(table.arch, args.steps), args.precision)
+    plan.save(args.output)
+    print_plan(plan)
+    console.print(f"wrote {args.output}")
     return 0
 
 
@@ -160,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("model", help="a builtin name (see `adatsq models`), a diffusers transformer folder, or an .onnx")
     pi.add_argument("--json", metavar="FILE", help="also write the table as JSON")
     pi.add_argument("--layers", action="store_true", help="print every layer, not only per-role totals")
+    pi.add_argument("--plan", metavar="PLAN.json", help="check a precision plan against the model and show it")
     _add_resolution_args(pi)
     pi.set_defaults(func=cmd_inspect)
 
@@ -170,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--json", metavar="FILE", help="also write the layer table as JSON")
     _add_resolution_args(pe)
     pe.set_defaults(func=cmd_export)
+
+    pp = sub.add_parser("plan", help="write a uniform precision plan (the AdaTSQ search comes in a later release)")
+    pp.add_argument("model", help="a builtin name or a diffusers transformer folder")
+    pp.add_argument("-o", "--output", required=True, metavar="PLAN.json")
+    pp.add_argument("--precision", default="W8A8", help="lattice point for every layer and step (default W8A8)")
+    pp.add_argument("--steps", type=int, default=20, help="number of sampling steps (default 20)")
+    _add_resolution_args(pp)
+    pp.set_defaults(func=cmd_plan)
 
     pm = sub.add_parser("models", help="list the builtin models")
     pm.set_defaults(func=cmd_models)

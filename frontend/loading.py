@@ -30,7 +30,10 @@ def load_folder(path: str | Path) -> nn.Module:
         raise InputError(f"{cfg_path}: not valid JSON ({exc})") from None
     if not isinstance(config, dict) or "_class_name" not in config:
         raise InputError(f"{cfg_path}: no '_class_name' entry; not a diffusers model config")
-    adapter = adapter_for(config["_class_name"])
+    try:
+        adapter = adapter_for(config["_class_name"])
+    except UnsupportedArchitectureError as exc:
+        raise UnsupportedArchitectureError(f"{cfg_path}: {exc}") from None
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         raise InputError(f"{folder}: no *.safetensors weights (pickled .bin weights are not loaded)")

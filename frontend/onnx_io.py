@@ -214,7 +214,10 @@ def layer_table_from_onnx(model: Any) -> LayerTable:
         dims = list(init.dims)
         if node.op_type in ("MatMul", "Gemm") and len(dims) != 2:
             continue
-        ann = decode({p.key: p.value for p in node.metadata_props}).get(LayerRef.KEY)
+        try:
+            ann = decode({p.key: p.value for p in node.metadata_props}).get(LayerRef.KEY)
+        except ValueError as exc:
+            raise InputError(f"ONNX node {node.name}: {exc}") from None
         if ann is not None:
             param = ann.param
         elif init.name.endswith(".weight"):

@@ -114,17 +114,30 @@ def encode(meta: Mapping[str, Any]) -> dict[str, str]:
 
 
 def decode(props: Mapping[str, str]) -> dict[str, Any]:
-    """ONNX ``metadata_props`` -> annotations (keys outside the adatsq namespace are ignored)."""
+    """ONNX ``metadata_props`` -> annotations.
+
+    Keys outside the ``adatsq.`` namespace are ignored. A key inside it that this adatsq does not
+    know, or a payload of the wrong shape or version, is a ValueError naming the key.
+    """
     out: dict[str, Any] = {}
     for key, text in props.items():
-        if key not in _REGISTRY:
+        if not key.startswith(NAMESPACE):
             continue
+        if key not in _REGISTRY:
+            raise ValueError(f"metadata_props[{key!r}]: unknown adatsq annotation (known: "
+                             f"{', '.join(sorted(_REGISTRY))}); written by a newer adatsq?")
         try:
             payload = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"metadata_props[{key!r}] is not valid JSON: {exc}") from None
+        if not isinstance(payload, dict) or "data" not in payload:
+            raise ValueError(f"metadata_props[{key!r}] is not an adatsq annotation payload "
+                             f"(expected {{'v': ..., 'data': ...}})")
         if payload.get("v") != ENCODING_VERSION:
             raise ValueError(f"metadata_props[{key!r}] has encoding version {payload.get('v')!r}, "
                              f"this adatsq reads version {ENCODING_VERSION}")
-        out[key] = _from_json(_REGISTRY[key], payload["data"])
+        try:
+            out[key] = _from_json(_REGISTRY[key], payload["data"])
+        except (TypeError, KeyError, ValueError) as exc:
+            raise ValueError(f"metadata_props[{key!r}] does not decode as {_REGISTRY[key].__name__}: {exc}") from None
     return out

@@ -250,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
-    for name in ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export"):
+    for name in ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export", "onnxscript"):
         logging.getLogger(name).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     try:

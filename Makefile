@@ -29,7 +29,8 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 -p no:cacheprovider
 
 bench: $(VENV)/.installed
-	$(PY) tools/bench_export.py --out $(OUT)/bench_export.json
+	$(PY) tools/bench_export.py --out benchmarks/results/export_cpu_tiny.json
+	$(PY) tools/bench_export.py --preset wide --out benchmarks/results/export_cpu_wide.json
 
 clean:
 	rm -rf $(VENV) $(OUT) *.egg-info

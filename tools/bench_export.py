@@ -114,7 +114,7 @@ def main() -> int:
             return 1
         rec = json.loads(r.stdout.strip().splitlines()[-1])
         records.append(rec)
-        print(f"{name:12s} {rec['params'] / 1e6:8.2f}M params  torch.export {rec['torch_export_s']:6.2f}s  "
+        print(f"{rec['arch']:25s} {rec['params'] / 1e6:8.2f}M params  torch.export {rec['torch_export_s']:6.2f}s  "
               f"ONNX {rec['onnx_export_s']:6.2f}s  ORT load {rec['ort_load_s']:5.2f}s  "
               f"peak RSS {rec['peak_rss_mb']:7.0f} MB", flush=True)
     import torch

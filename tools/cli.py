@@ -22,7 +22,8 @@ from rich.table import Table
 
 from ..errors import AdatsqError
 
-console = Console(stderr=False, highlight=False)
+# piped output (logs, CI) gets a wide console so that parameter names are not cut
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, highlight=False)
 
 
@@ -107,7 +108,8 @@ def print_table(table, show_layers: bool = False) -> None:
     console.print(t)
     if show_layers:
         lt = Table(title="layers")
-        for col in ("param", "role", "block", "shape", "MACs/token", "tokens", "calls"):
+        lt.add_column("param", overflow="fold")
+        for col in ("role", "block", "shape", "MACs/token", "tokens", "calls"):
             lt.add_column(col)
         for i in table:
             lt.add_row(i.param, i.role, "-" if i.block_index is None else str(i.block_index),

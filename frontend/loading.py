@@ -68,8 +68,8 @@ def load_folder(path: str | Path) -> nn.Module:
         raise InputError(f"{folder}: weight {k} has shape {tuple(state[k].shape)}, config expects "
                          f"{tuple(expected[k].shape)}")
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
-    if len(dtypes) == 1:  # keep the checkpoint's precision (bf16 checkpoints stay bf16)
-        model = model.to(dtypes.pop())
+    if len(dtypes) == 1 and next(iter(dtypes)) != next(model.parameters()).dtype:
+        model = model.to(dtypes.pop())  # keep the checkpoint's precision (bf16 checkpoints stay bf16)
     model.load_state_dict(state, strict=True)
     return model.eval()
 

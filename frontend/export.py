@@ -81,9 +81,12 @@ def export_model(model: Any, resolution: Resolution | None = None, *, dynamic: b
     ``dynamic`` the batch and token dimensions are symbolic wherever the architecture allows. The
     architecture's fix-up passes (``frontend.fixups``) run after export unless ``fixups=False``.
     """
+    from .loading import default_resolution
+
+    name = model
     model, adapter = resolve_model(model, seed=seed)
     model.eval()
-    res = resolution or adapter.default_resolution
+    res = resolution or default_resolution(name, adapter)
     inputs = adapter.example_inputs(model, res, seed=seed)  # validates the resolution
     wrapper = adapter.wrap(model, tuple(inputs))
     dyn = adapter.dynamic_shapes(model, res) if dynamic else None

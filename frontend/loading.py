@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import InputError, UnsupportedArchitectureError
-from .architectures import ADAPTERS, BUILTINS, Adapter, adapter_for
+from .architectures import ADAPTERS, BUILTINS, Adapter, Resolution, adapter_for
 
 
 def load_folder(path: str | Path) -> nn.Module:
@@ -74,8 +74,26 @@ def load_folder(path: str | Path) -> nn.Module:
     return model.eval()
 
 
+#: trained reference models shipped in ``models/`` and the resolution they are sampled at
+REFERENCE_RESOLUTIONS = {"flux-fmnist": Resolution(height=32, width=32, text_len=4, batch=2)}
+
+
+def builtin_names() -> list[str]:
+    return sorted(BUILTINS) + sorted(REFERENCE_RESOLUTIONS)
+
+
+def default_resolution(model: Any, adapter: Adapter) -> Resolution:
+    """The resolution a model is exported at when none is given: a reference model's own, else the
+    architecture's default."""
+    return REFERENCE_RESOLUTIONS.get(str(model), adapter.default_resolution) if isinstance(model, (str, Path)) \
+        else adapter.default_resolution
+
+
 def resolve_model(model: Any, seed: int = 0) -> tuple[nn.Module, Adapter]:
-    """A builtin name (``tiny-flux``), a folder path, or an ``nn.Module`` -> (model, adapter)."""
+    """A builtin name (``tiny-flux``, ``flux-fmnist``), a folder path, or an ``nn.Module`` -> (model, adapter).
+
+    Tiny builtins are random-init for ``seed``; reference models (``flux-fmnist``) load their
+    shipped trained transformer."""
     if isinstance(model, nn.Module):
         return model, adapter_for(model)
     if isinstance(model, (str, Path)):
@@ -83,11 +101,16 @@ def resolve_model(model: Any, seed: int = 0) -> tuple[nn.Module, Adapter]:
         if name in BUILTINS:
             adapter = BUILTINS[name]
             return adapter.tiny(seed), adapter
+        if name in REFERENCE_RESOLUTIONS:
+            from .reference import load_reference
+
+            m = load_reference(name).denoiser.transformer
+            return m, adapter_for(m)
         if Path(name).exists():
             m = load_folder(name)
             return m, adapter_for(m)
         raise InputError(f"{name}: no such file or folder, and not a builtin model "
-                         f"({', '.join(sorted(BUILTINS))})")
+                         f"({', '.join(builtin_names())})")
     raise UnsupportedArchitectureError(
         f"cannot use a {type(model).__name__} as a model; give a diffusers transformer instance, a folder, "
         f"or one of {', '.join(sorted(BUILTINS))}")

@@ -3,6 +3,7 @@
     adatsq inspect MODEL [--json FILE] [--layers]     layer table of a builtin, a folder or an .onnx file
     adatsq export  MODEL -o OUT.onnx [--json FILE]    torch.export -> ONNX (opset 21) with annotations
     adatsq plan    MODEL -o PLAN.json [--precision P] a uniform precision plan (search: later release)
+    adatsq eval    [MODEL] [--variant V] [-n N]       generate, judge, compare (flux-fmnist)
     adatsq models                                     the builtin models
 
 Errors caused by the input are printed on one line and exit with code 2; nothing is half-written.
@@ -41,7 +42,9 @@ def _add_resolution_args(p: argparse.ArgumentParser) -> None:
 def _resolution(args, adapter):
     import dataclasses
 
-    base = adapter.default_resolution
+    from ..frontend.loading import default_resolution
+
+    base = default_resolution(args.model, adapter)
     over = {k: getattr(args, k) for k in ("height", "width", "text_len", "frames", "batch")
             if getattr(args, k, None) is not None}
     return dataclasses.replace(base, **over) if over else base
@@ -188,6 +191,45 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from ..tools.evaluate import EvalConfig, evaluate, grid_png, markdown, save_json
+
+    classes = None
+    if args.classes and args.classes != "all":
+        classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
+    cfg = EvalConfig(model=args.model, variants=tuple(args.variant or ("fp",)), n=args.n, classes=classes,
+                     seed=args.seed, steps=args.steps, guidance=args.guidance, batch=args.batch)
+    cfg.validate()  # before loading anything
+    tasks = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} "
+                  "sample-steps"), TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
+        def on_progress(variant, done, total):
+            if variant not in tasks:
+                tasks[variant] = progress.add_task(f"sampling {variant}", total=total)
+            progress.update(tasks[variant], completed=done)
+
+        result, images, seconds = evaluate(cfg, on_progress)
+    md = markdown(result, seconds)
+    console.print(md)
+    if args.json:
+        save_json(result, args.json)
+        console.print(f"wrote {args.json}")
+    if args.md:
+        from ..tools.io import atomic_write_text
+
+        atomic_write_text(args.md, md)
+        console.print(f"wrote {args.md}")
+    if args.grid:
+        from ..frontend.reference import FMNIST_CLASSES
+
+        labels = [FMNIST_CLASSES.index(c) for c in result["classes"]]
+        grid_png(images, FMNIST_CLASSES, [labels[i % len(labels)] for i in range(result["samples"])], args.grid)
+        console.print(f"wrote {args.grid}")
+    return 0
+
+
 def cmd_models(args) -> int:
     from ..frontend.architectures import BUILTINS
 
@@ -232,6 +274,21 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--steps", type=int, default=20, help="number of sampling steps (default 20)")
     _add_resolution_args(pp)
     pp.set_defaults(func=cmd_plan)
+
+    pv = sub.add_parser("eval", help="generate with the FP model and variants; judge accuracy, FID, fidelity")
+    pv.add_argument("model", nargs="?", default="flux-fmnist", help="a reference model (default flux-fmnist)")
+    pv.add_argument("--variant", action="append", metavar="V",
+                    help="fp (always run) or w<W>a<A>-rtn (round-to-nearest baseline), repeatable")
+    pv.add_argument("-n", type=int, default=512, help="number of samples (default 512)")
+    pv.add_argument("--classes", default="all", help="comma-separated class names or ids (default: all)")
+    pv.add_argument("--seed", type=int, default=0, help="sample i uses seed SEED+i")
+    pv.add_argument("--steps", type=int, help="sampling steps (default: the model's schedule)")
+    pv.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model's)")
+    pv.add_argument("--batch", type=int, default=64)
+    pv.add_argument("--json", metavar="FILE")
+    pv.add_argument("--md", metavar="FILE", help="write the Markdown table")
+    pv.add_argument("--grid", metavar="FILE.png", help="write a PNG grid: FP row vs variant rows, same seeds")
+    pv.set_defaults(func=cmd_eval)
 
     pm = sub.add_parser("models", help="list the builtin models")
     pm.set_defaults(func=cmd_models)

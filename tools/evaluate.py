@@ -1,0 +1,231 @@
+"""The evaluation harness behind ``adatsq eval``: generate, judge, compare.
+
+For a reference model (``flux-fmnist``) it generates ``n`` samples over a balanced set of classes
+(sample ``i`` has class ``classes[i % len(classes)]`` and seed ``seed + i``) with the full-precision
+model and with every requested variant, from identical noise and class, and reports per variant:
+
+* ``judge_accuracy``: the share of samples the independent judge (``models/judge-fmnist``, a CNN
+  trained on the Fashion-MNIST training split) classifies as the class asked for (our GenEval
+  analogue), and per class;
+* ``fid``: Frechet distance between the judge's penultimate-layer features of the samples and of
+  the Fashion-MNIST test split (10k images; precomputed, shipped). Small sample counts bias FID
+  upwards: compare FIDs at equal ``n`` only;
+* ``psnr_vs_fp`` / ``ssim_vs_fp`` / ``feature_distance_vs_fp``: fidelity to the full-precision
+  sample from the same noise and class (PSNR in dB with identical images capped at 100 dB; SSIM on
+  the valid 11x11-window region; judge-feature L2 distance relative to the mean FP feature norm);
+* ``w_bits`` / ``a_bits``: the variant's average weight bits (weighted by parameters) and
+  activation bits (weighted by MACs) over the quantizable layers and steps.
+
+Everything is computed on the CPU, deterministically for a given seed; timings are reported on the
+console and in the Markdown, never in the JSON, so the same command gives identical JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import platform
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from . import fmnist
+from .baselines import parse_variant, rtn_quantized
+
+MAX_SAMPLES = 100_000
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    model: str = "flux-fmnist"
+    variants: tuple[str, ...] = ("fp",)
+    n: int = 512
+    classes: tuple[str, ...] | None = None  # None: all classes, balanced
+    seed: int = 0
+    steps: int | None = None  # None: the model's schedule
+    guidance: float | None = None  # None: the model's schedule
+    batch: int = 64
+
+    def validate(self) -> None:
+        if not isinstance(self.n, int) or self.n <= 0:
+            raise InputError(f"eval: the number of samples must be a positive integer, got {self.n!r}")
+        if self.n > MAX_SAMPLES:
+            raise InputError(f"eval: {self.n} samples is more than the limit of {MAX_SAMPLES}")
+        if self.batch <= 0:
+            raise InputError(f"eval: batch must be positive, got {self.batch}")
+        if self.steps is not None and self.steps <= 0:
+            raise InputError(f"eval: steps must be positive, got {self.steps}")
+        for v in self.variants:
+            if v != "fp":
+                parse_variant(v)
+
+
+def _schedule(ref, steps: int | None, guidance: float | None):
+    from ..frontend.schedule import Schedule
+    from ..frontend.sampling import flow_match_scheduler
+
+    s = ref.schedule
+    if steps is not None and steps != s.num_steps:
+        import diffusers
+
+        sch = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+        sch.set_timesteps(steps)
+        s = Schedule(s.scheduler, steps, tuple(float(t) for t in sch.timesteps), s.guidance)
+    if guidance is not None:
+        s = dataclasses.replace(s, guidance=float(guidance))
+    flow_match_scheduler(s)  # validates
+    return s
+
+
+def _round(x: Any) -> Any:
+    if isinstance(x, float):
+        return float(f"{x:.6g}")
+    if isinstance(x, dict):
+        return {k: _round(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_round(v) for v in x]
+    return x
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | None = None
+             ) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, float]]:
+    """Run the evaluation. Returns (JSON-ready result, uint8 images per variant, seconds per variant)."""
+    from ..frontend.export import export_model
+    from ..frontend.layers import LayerTable
+    from ..frontend.reference import load_reference
+    from ..frontend.sampling import sample
+    from ..passes.plan import PrecisionPlan, Precision, fingerprint_model
+    from .judge import Judge
+    from .metrics import feature_distance, fid, mean_psnr, ssim
+
+    cfg.validate()
+    ref = load_reference(cfg.model)
+    class_ids = [ref.class_id(c) for c in (cfg.classes or ref.classes)]
+    if not class_ids:
+        raise InputError("eval: no classes given")
+    schedule = _schedule(ref, cfg.steps, cfg.guidance)
+    judge = Judge.load()
+    ref_mu, ref_sigma = judge.reference_stats()
+    labels = np.array([class_ids[i % len(class_ids)] for i in range(cfg.n)], dtype=np.int64)
+    seeds = [cfg.seed + i for i in range(cfg.n)]
+    transformer = ref.denoiser.transformer
+    table = LayerTable.from_graph(export_model(transformer, _reference_resolution(cfg.model)))
+    linear_layers = [i.param for i in table if i.kind == "linear"]
+
+    images: dict[str, np.ndarray] = {}
+    seconds: dict[str, float] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for variant in dict.fromkeys(("fp",) + tuple(cfg.variants)):  # fp first: the fidelity reference
+        w_bits, a_bits = (16, 16) if variant == "fp" else parse_variant(variant)
+        t0 = time.perf_counter()
+        ctx = rtn_quantized(transformer, w_bits, a_bits, linear_layers) if variant != "fp" else contextlib.nullcontext()
+        out = []
+        with ctx:
+            for start in range(0, cfg.n, cfg.batch):
+                sl = slice(start, min(cfg.n, start + cfg.batch))
+                def step_cb(k, x, v, _start=start):
+                    if on_progress is not None:
+                        on_progress(variant, _start * schedule.num_steps + (k + 1) * (sl.stop - sl.start),
+                                    cfg.n * schedule.num_steps)
+
+                tr = sample(ref.denoiser, torch.from_numpy(labels[sl]), seeds[sl], schedule, record=False,
+                            on_step=step_cb)
+                out.append(fmnist.from_model_space(tr.sample.numpy()))
+        images[variant] = np.concatenate(out)
+        seconds[variant] = time.perf_counter() - t0
+        feats = judge.features(images[variant])
+        pred = judge.predict(images[variant])
+        per_class = {ref.classes[c]: float((pred[labels == c] == c).mean()) for c in sorted(set(class_ids))}
+        plan_bits = PrecisionPlan.averages([[f"W{w_bits}A{a_bits}"] * len(linear_layers)],
+                                           [Precision(f"W{w_bits}A{a_bits}", w_bits, a_bits)], linear_layers, table)
+        row: dict[str, Any] = dict(w_bits=plan_bits.w_bits, a_bits=plan_bits.a_bits,
+                                   judge_accuracy=float((pred == labels).mean()), per_class_accuracy=per_class,
+                                   fid=float(fid(feats, ref_mu, ref_sigma)))
+        if variant == "fp":
+            fp_feats = feats
+            row.update(psnr_vs_fp=None, ssim_vs_fp=None, feature_distance_vs_fp=None)
+        else:
+            row.update(psnr_vs_fp=float(mean_psnr(images["fp"], images[variant])),
+                       ssim_vs_fp=float(np.mean(ssim(images["fp"], images[variant]))),
+                       feature_distance_vs_fp=float(np.mean(feature_distance(fp_feats, feats))))
+        rows[variant] = row
+    result = dict(
+        format="adatsq.eval", version=1, model=cfg.model, model_fingerprint=fingerprint_model(transformer).short,
+        samples=cfg.n, seed=cfg.seed, classes=[ref.classes[c] for c in class_ids], batch=cfg.batch,
+        schedule=dict(scheduler=schedule.scheduler, num_steps=schedule.num_steps, guidance=schedule.guidance),
+        judge=dict(test_accuracy=judge.info.get("test_accuracy"), features=judge.info.get("feature_dim"),
+                   fid_reference="Fashion-MNIST test split (10000 images), judge penultimate features"),
+        variants=rows,
+        environment=dict(cpu=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__),
+    )
+    return _round(result), images, seconds
+
+
+def _reference_resolution(name: str):
+    from ..frontend.loading import REFERENCE_RESOLUTIONS
+
+    return REFERENCE_RESOLUTIONS.get(name)
+
+
+def markdown(result: dict[str, Any], seconds: dict[str, float] | None = None) -> str:
+    s = result["schedule"]
+    lines = [f"**{result['model']}** ({result['model_fingerprint']}): {result['samples']} samples, "
+             f"{len(result['classes'])} classes, seed {result['seed']}, {s['num_steps']} steps, "
+             f"guidance {s['guidance']}; judge test accuracy {result['judge']['test_accuracy']}", "",
+             "| variant | W bits | A bits | judge acc. | FID (judge feat.) | PSNR vs FP | SSIM vs FP | feat. dist. vs FP |"
+             + (" time |" if seconds else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if seconds else "")]
+    fmt = lambda v, f: "—" if v is None else format(v, f)
+    for name, r in result["variants"].items():
+        lines.append(f"| {name} | {r['w_bits']:.2f} | {r['a_bits']:.2f} | {r['judge_accuracy']:.3f} | {r['fid']:.2f} | "
+                     f"{fmt(r['psnr_vs_fp'], '.2f')} | {fmt(r['ssim_vs_fp'], '.4f')} | "
+                     f"{fmt(r['feature_distance_vs_fp'], '.4f')} |" + (f" {seconds[name]:.0f} s |" if seconds else ""))
+    if seconds:
+        lines += ["", f"CPU: {result['environment']['cpu']}, {result['environment']['threads']} threads"]
+    return "\n".join(lines) + "\n"
+
+
+def grid_png(images: dict[str, np.ndarray], classes: Sequence[str], labels: Sequence[int], path, columns: int = 20,
+             scale: int = 2) -> None:
+    """A PNG grid: one row per variant (FP first), the first ``columns`` samples, same seeds per column."""
+    from PIL import Image, ImageDraw
+
+    from .io import atomic_path
+
+    names = list(images)
+    k = min(columns, len(next(iter(images.values()))))
+    cell, pad, label_w, head_h = 28 * scale, 2, 90, 14
+    w = label_w + k * (cell + pad)
+    h = head_h + len(names) * (cell + pad)
+    canvas = Image.new("L", (w, h), 255)
+    draw = ImageDraw.Draw(canvas)
+    for j in range(k):
+        draw.text((label_w + j * (cell + pad) + 2, 1), classes[labels[j]][:8], fill=0)
+    for i, name in enumerate(names):
+        y = head_h + i * (cell + pad)
+        draw.text((4, y + cell // 2 - 6), name, fill=0)
+        for j in range(k):
+            tile = Image.fromarray(images[name][j]).resize((cell, cell), Image.NEAREST)
+            canvas.paste(tile, (label_w + j * (cell + pad), y))
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+
+
+def save_json(result: dict[str, Any], path) -> None:
+    from .io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(result, indent=1, sort_keys=True) + "\n")

@@ -242,6 +242,20 @@ def cmd_models(args) -> int:
         t.add_row(name, a.arch, _fmt_int(sum(p.numel() for p in m.parameters())),
                   f"{r.height}x{r.width}, {r.text_len} text" + (f", {r.frames} frames" if a.video else ""))
     console.print(t)
+    from ..frontend.loading import REFERENCE_RESOLUTIONS
+    from ..frontend.reference import load_reference
+
+    rt = Table(title="reference models (trained, shipped in models/)")
+    for col in ("name", "architecture", "params", "resolution", "schedule"):
+        rt.add_column(col)
+    for name, r in sorted(REFERENCE_RESOLUTIONS.items()):
+        ref = load_reference(name)
+        tr = ref.denoiser.transformer
+        s = ref.schedule
+        rt.add_row(name, type(tr).__name__, _fmt_int(sum(p.numel() for p in tr.parameters())),
+                   f"{r.height}x{r.width} px, {r.text_len} class tokens",
+                   f"{s.num_steps} steps, guidance {s.guidance}")
+    console.print(rt)
     return 0
 
 
@@ -290,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--grid", metavar="FILE.png", help="write a PNG grid: FP row vs variant rows, same seeds")
     pv.set_defaults(func=cmd_eval)
 
-    pm = sub.add_parser("models", help="list the builtin models")
+    pm = sub.add_parser("models", help="list the builtin models (tiny random-init and trained reference models)")
     pm.set_defaults(func=cmd_models)
     return p
 

@@ -37,7 +37,6 @@ def export_onnx(graph: Any, path: str | Path, *, opset: int = DEFAULT_OPSET, tab
 
     The file appears only when everything succeeded (atomic write).
     """
-    import onnx
     import torch
 
     if opset < 21:
@@ -57,8 +56,6 @@ def export_onnx(graph: Any, path: str | Path, *, opset: int = DEFAULT_OPSET, tab
 
 
 def _attach_annotations(model, graph, table: LayerTable) -> None:
-    import onnx
-
     refs = {}
     for node in graph.graph.nodes:
         enc = encode(node.meta)
@@ -75,7 +72,6 @@ def _attach_annotations(model, graph, table: LayerTable) -> None:
                       fingerprint=dataclasses.asdict(fingerprint_graph(graph)))
     _set_props(model.metadata_props, {"adatsq.model": json.dumps(model_meta, sort_keys=True),
                                       "adatsq.layers": json.dumps(table.to_json())})
-    del onnx
 
 
 def _set_props(props, entries: dict[str, str]) -> None:
@@ -153,34 +149,31 @@ def model_metadata(model) -> dict[str, Any]:
     return {}
 
 
-def _fx_name(node) -> str | None:
-    """The fx node an ONNX node came from (torch.onnx records it as the innermost name scope)."""
+def _name_scopes(node) -> list[str]:
+    """torch.onnx's ``pkg.torch.onnx.name_scopes`` of a node: module paths, then the fx node name."""
     for p in node.metadata_props:
         if p.key == "pkg.torch.onnx.name_scopes":
             try:
-                scopes = json.loads(p.value.replace("'", '"'))
+                return list(json.loads(p.value.replace("'", '"')))
             except json.JSONDecodeError:
-                return None
-            return scopes[-1] if scopes else None
-    return None
+                return []
+    return []
+
+
+def _fx_name(node) -> str | None:
+    """The fx node an ONNX node came from (the innermost name scope)."""
+    scopes = _name_scopes(node)
+    return scopes[-1] if scopes else None
 
 
 def _module_scope(node) -> str | None:
-    for p in node.metadata_props:
-        if p.key == "pkg.torch.onnx.name_scopes":
-            try:
-                scopes = json.loads(p.value.replace("'", '"'))
-            except json.JSONDecodeError:
-                return None
-            return scopes[-2] if len(scopes) >= 2 else None
-    return None
+    """The module path of the op (the scope around the fx node)."""
+    scopes = _name_scopes(node)
+    return scopes[-2] if len(scopes) >= 2 else None
 
 
 def layer_table_from_onnx(model: Any) -> LayerTable:
     """The quantizable-layer table of an ONNX model (ModelProto or path)."""
-    import onnx
-    from onnx import numpy_helper
-
     if isinstance(model, (str, Path)):
         model = load_onnx(model, load_weights=False)
     g = model.graph
@@ -245,7 +238,6 @@ def layer_table_from_onnx(model: Any) -> LayerTable:
         e["onnx"].append(node.name)
         if _fx_name(node):
             e["fx"].append(_fx_name(node))
-    del numpy_helper, onnx
 
     meta_table = None
     for p in model.metadata_props:

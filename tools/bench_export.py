@@ -38,16 +38,6 @@ WIDE = {  # real widths, 2 blocks
 }
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def child(name: str, preset: str) -> dict:
     import tempfile
     import warnings
@@ -118,6 +108,8 @@ def main() -> int:
               f"ONNX {rec['onnx_export_s']:6.2f}s  ORT load {rec['ort_load_s']:5.2f}s  "
               f"peak RSS {rec['peak_rss_mb']:7.0f} MB", flush=True)
     import torch
+
+    from adatsq.tools.sysinfo import cpu_name
 
     out = dict(cpu=cpu_name(), cores=os.cpu_count(), torch=torch.__version__, python=platform.python_version(),
                preset=args.preset, records=records)

@@ -12,7 +12,6 @@ Errors caused by the input are printed on one line and exit with code 2; nothing
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

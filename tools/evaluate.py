@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import platform
 import time
 from typing import Any, Callable, Sequence
 
@@ -35,6 +34,7 @@ import torch
 from ..errors import InputError
 from . import fmnist
 from .baselines import parse_variant, rtn_quantized
+from .sysinfo import cpu_name
 
 MAX_SAMPLES = 100_000
 
@@ -89,16 +89,6 @@ def _round(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_round(v) for v in x]
     return x
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | None = None

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import sys
 import time
@@ -38,20 +37,10 @@ from adatsq.tools.io import atomic_path, atomic_write_text
 from adatsq.tools.judge import (BATCH_SIZE, FEATURE_DIM, INFO_FILE, MEAN, REFERENCE_FILE, STD, WEIGHTS_FILE,
                                 JudgeCNN, default_folder, to_input)
 from adatsq.tools.metrics import feature_stats
+from adatsq.tools.sysinfo import cpu_name
 
 SHIFT = 2  # maximal random shift in pixels (augmentation)
 MIN_STEPS = 8  # fewest optimizer steps a run may have
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def random_shift(padded: torch.Tensor, gen: torch.Generator, shift: int = SHIFT) -> torch.Tensor:
@@ -151,7 +140,7 @@ def train(args: argparse.Namespace) -> dict:
                       "schedule": "OneCycleLR(pct_start=0.25)", "label_smoothing": args.label_smoothing},
         "augmentation": f"random shift of up to +-{SHIFT} px (zero padding)",
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "threads": args.threads,
         "torch": torch.__version__,
         "train_seconds": round(train_seconds, 1),

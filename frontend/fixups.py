@@ -9,6 +9,7 @@ import torch
 
 from ..passes.infra import Pass, PassResult, Pipeline
 from .architectures import Adapter
+from .complex_rope import LowerComplexToReal
 
 aten = torch.ops.aten
 
@@ -24,8 +25,9 @@ def _static_size(node: torch.fx.Node, dim: int) -> int | None:
 class RemoveNoopSqueeze(Pass):
     """Drop ``squeeze(dim)`` nodes whose squeezed dimensions are not of size 1.
 
-    In torch such a squeeze is a no-op, but ONNX ``Squeeze`` with those axes is invalid and
-    onnxruntime refuses the model (PixArt's ``hidden_states.squeeze(1)``).
+    In torch such a squeeze is a no-op (PixArt's ``hidden_states.squeeze(1)``), but it does not
+    survive ONNX: torch 2.13's exporter lowers it to ``prims.view_of`` and fails; older exporters
+    emit a ``Squeeze`` with those axes, which onnxruntime refuses as invalid.
     """
 
     preserves = ("adatsq.layer",)
@@ -127,12 +129,9 @@ class IndexWithInt64(Pass):
 #: fix-ups every architecture gets, before its own
 COMMON_FIXUPS = ("CanonicalizeEmptyPermuted", "IndexWithInt64")
 FIXUPS = {"RemoveNoopSqueeze": RemoveNoopSqueeze, "CanonicalizeEmptyPermuted": CanonicalizeEmptyPermuted,
-          "IndexWithInt64": IndexWithInt64}
+          "IndexWithInt64": IndexWithInt64, "LowerComplexToReal": LowerComplexToReal}
 
 
 def fixup_pipeline(adapter: Adapter) -> Pipeline:
-    from .complex_rope import LowerComplexToReal
-
-    FIXUPS.setdefault("LowerComplexToReal", LowerComplexToReal)
     names = COMMON_FIXUPS + tuple(adapter.fixups)
     return Pipeline([FIXUPS[name]() for name in names], name=f"fixups[{adapter.arch}]")

@@ -22,7 +22,25 @@ def _static_size(node: torch.fx.Node, dim: int) -> int | None:
     return size if isinstance(size, int) else None
 
 
-class RemoveNoopSqueeze(Pass):
+class FxRewrite(Pass):
+    """A fix-up that rewrites the ExportedProgram's fx graph in place: subclasses implement
+    :meth:`rewrite` (returns whether anything changed); lint and recompile happen here, once."""
+
+    preserves = ("adatsq.layer",)
+
+    def rewrite(self, gm: torch.fx.GraphModule) -> bool:
+        raise NotImplementedError
+
+    def call(self, graph):
+        gm = graph.program.graph_module
+        modified = self.rewrite(gm)
+        if modified:
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(graph, modified)
+
+
+class RemoveNoopSqueeze(FxRewrite):
     """Drop ``squeeze(dim)`` nodes whose squeezed dimensions are not of size 1.
 
     In torch such a squeeze is a no-op (PixArt's ``hidden_states.squeeze(1)``), but it does not
@@ -30,10 +48,7 @@ class RemoveNoopSqueeze(Pass):
     emit a ``Squeeze`` with those axes, which onnxruntime refuses as invalid.
     """
 
-    preserves = ("adatsq.layer",)
-
-    def call(self, graph):
-        gm = graph.program.graph_module
+    def rewrite(self, gm):
         modified = False
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target not in (aten.squeeze.dim, aten.squeeze.dims):
@@ -47,10 +62,7 @@ class RemoveNoopSqueeze(Pass):
                 node.replace_all_uses_with(src)
                 gm.graph.erase_node(node)
                 modified = True
-        if modified:
-            gm.graph.lint()
-            gm.recompile()
-        return PassResult(graph, modified)
+        return modified
 
     def ensures(self, graph):
         for node in graph.graph.nodes:
@@ -63,7 +75,7 @@ class RemoveNoopSqueeze(Pass):
                     raise AssertionError(f"no-op squeeze {node.name} left in graph")
 
 
-class CanonicalizeEmptyPermuted(Pass):
+class CanonicalizeEmptyPermuted(FxRewrite):
     """Rewrite ``empty_permuted(size, identity perm)`` as ``empty(size)``.
 
     ``empty_like`` decomposes to ``empty_permuted`` (Wan's RoPE writes into an ``empty_like``
@@ -71,10 +83,7 @@ class CanonicalizeEmptyPermuted(Pass):
     fully overwritten, and the identity permutation is the default contiguous layout.
     """
 
-    preserves = ("adatsq.layer",)
-
-    def call(self, graph):
-        gm = graph.program.graph_module
+    def rewrite(self, gm):
         modified = False
         for node in list(gm.graph.nodes):
             if node.op == "call_function" and node.target is aten.empty_permuted.default:
@@ -88,23 +97,17 @@ class CanonicalizeEmptyPermuted(Pass):
                 node.replace_all_uses_with(new)
                 gm.graph.erase_node(node)
                 modified = True
-        if modified:
-            gm.graph.lint()
-            gm.recompile()
-        return PassResult(graph, modified)
+        return modified
 
 
-class IndexWithInt64(Pass):
+class IndexWithInt64(FxRewrite):
     """Cast integer index tensors of ``aten.index.Tensor`` to int64.
 
     torch indexes with int32 tensors (Z-Image's RoPE position ids are int32); ONNX ``GatherND``
     accepts only int64 and onnxruntime refuses such a model. The cast is exact.
     """
 
-    preserves = ("adatsq.layer",)
-
-    def call(self, graph):
-        gm = graph.program.graph_module
+    def rewrite(self, gm):
         modified = False
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target is not aten.index.Tensor:
@@ -120,10 +123,7 @@ class IndexWithInt64(Pass):
                 indices[k] = cast
                 modified = True
             node.args = (node.args[0], indices, *node.args[2:])
-        if modified:
-            gm.graph.lint()
-            gm.recompile()
-        return PassResult(graph, modified)
+        return modified
 
 
 #: fix-ups every architecture gets, before its own

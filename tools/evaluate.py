@@ -65,16 +65,12 @@ class EvalConfig:
 
 
 def _schedule(ref, steps: int | None, guidance: float | None):
-    from ..frontend.schedule import Schedule
     from ..frontend.sampling import flow_match_scheduler
+    from ..frontend.schedule import default_schedule
 
     s = ref.schedule
     if steps is not None and steps != s.num_steps:
-        import diffusers
-
-        sch = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
-        sch.set_timesteps(steps)
-        s = Schedule(s.scheduler, steps, tuple(float(t) for t in sch.timesteps), s.guidance)
+        s = default_schedule(type(ref.denoiser.transformer).__name__, steps, s.guidance)
     if guidance is not None:
         s = dataclasses.replace(s, guidance=float(guidance))
     flow_match_scheduler(s)  # validates

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without install
 try:
     from adatsq.frontend.reference import FluxFMNIST, save_reference
-    from adatsq.frontend.schedule import Schedule
+    from adatsq.frontend.schedule import default_schedule
     from adatsq.tools import fmnist
 except ImportError:  # checkout not named adatsq: import the package from the repository root
     import importlib.util
@@ -42,16 +42,8 @@ except ImportError:  # checkout not named adatsq: import the package from the re
     sys.modules["adatsq"] = mod
     spec.loader.exec_module(mod)
     from adatsq.frontend.reference import FluxFMNIST, save_reference
-    from adatsq.frontend.schedule import Schedule
+    from adatsq.frontend.schedule import default_schedule
     from adatsq.tools import fmnist
-
-
-def default_schedule(steps: int = 20, guidance: float = 2.0) -> Schedule:
-    import diffusers
-
-    s = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
-    s.set_timesteps(steps)
-    return Schedule("FlowMatchEulerDiscreteScheduler", steps, tuple(float(t) for t in s.timesteps), guidance)
 
 
 def main() -> int:
@@ -108,7 +100,8 @@ def main() -> int:
                                   torch=torch.__version__, seconds=round(time.time() - t0, 1),
                                   final_loss=round(loss_avg, 5), command=" ".join(sys.argv)),
                     transformer_params=params)
-        save_reference(tmp, copy.deepcopy(ema).float().cpu(), default_schedule(20, args.guidance), info)
+        schedule = default_schedule("FluxTransformer2DModel", 20, args.guidance)
+        save_reference(tmp, copy.deepcopy(ema).float().cpu(), schedule, info)
         json.dump(info, open(tmp / "training.json", "w"), indent=1)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)

@@ -21,8 +21,14 @@ _REGISTRY: dict[str, type] = {}
 A = TypeVar("A")
 
 
-def register_annotation(key: str):
-    """Class decorator: register a frozen dataclass as the annotation stored under ``key``."""
+_NOT_PORTABLE: set[str] = set()
+
+
+def register_annotation(key: str, portable: bool = True):
+    """Class decorator: register a frozen dataclass as the annotation stored under ``key``.
+
+    ``portable=False`` marks annotations that hold tensors (activation statistics, Hessians): they
+    live on the fx graph and in the analysis cache, and are not written into ONNX metadata."""
     if not key.startswith(NAMESPACE):
         raise ValueError(f"annotation key {key!r} must start with {NAMESPACE!r}")
 
@@ -32,6 +38,8 @@ def register_annotation(key: str):
         if key in _REGISTRY and _REGISTRY[key] is not cls:
             raise ValueError(f"annotation key {key!r} already registered to {_REGISTRY[key].__name__}")
         _REGISTRY[key] = cls
+        if not portable:
+            _NOT_PORTABLE.add(key)
         cls.KEY = key  # type: ignore[attr-defined]
         return cls
 
@@ -110,7 +118,7 @@ def _from_json(tp: Any, data: Any) -> Any:
 def encode(meta: Mapping[str, Any]) -> dict[str, str]:
     """Annotations found in ``meta`` (an fx ``node.meta``) -> ONNX ``metadata_props`` entries."""
     return {key: json.dumps({"v": ENCODING_VERSION, "data": _to_json(val)}, sort_keys=True)
-            for key, val in iter_annotations(meta)}
+            for key, val in iter_annotations(meta) if key not in _NOT_PORTABLE}
 
 
 def decode(props: Mapping[str, str]) -> dict[str, Any]:

@@ -4,6 +4,8 @@
     adatsq export  MODEL -o OUT.onnx [--json FILE]    torch.export -> ONNX (opset 21) with annotations
     adatsq plan    MODEL -o PLAN.json [--precision P] a uniform precision plan (search: later release)
     adatsq eval    [MODEL] [--variant V] [-n N]       generate, judge, compare (flux-fmnist)
+    adatsq analyze [MODEL] -o DIR                     trajectory, Fisher, statistics/Hessians, sensitivity
+    adatsq inspect MODEL --analysis DIR               show an analysis: tables and heatmaps
     adatsq models                                     the builtin models
 
 Errors caused by the input are printed on one line and exit with code 2; nothing is half-written.
@@ -143,7 +145,13 @@ def cmd_inspect(args) -> int:
     from ..passes.plan import PrecisionPlan
 
     plan = PrecisionPlan.load(args.plan) if args.plan else None  # fail fast, before exporting
+    summary = load_analysis(args.analysis) if args.analysis else None
     table, fp = _table_and_fingerprint(args)
+    if summary is not None:
+        from ..errors import InputError
+
+        if list(summary["layers"]) != table.names:
+            raise InputError(f"{args.analysis}: the analysis was made for another model (its layers differ)")
     if plan is not None:
         if fp is None:
             raise PlanError(f"{args.plan}: cannot check the plan: {args.model} carries no adatsq model fingerprint")
@@ -151,6 +159,9 @@ def cmd_inspect(args) -> int:
     print_table(table, args.layers)
     if plan is not None:
         print_plan(plan)
+    if summary is not None:
+        print_analysis(summary)
+        write_analysis_plots(summary, Path(args.analysis_png or _analysis_dir(args.analysis)))
     if args.json:
         table.save(args.json)
         console.print(f"wrote {args.json}")
@@ -229,6 +240,170 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _analysis_dir(path: str) -> Path:
+    p = Path(path)
+    return p if p.is_dir() else p.parent
+
+
+def load_analysis(path: str) -> dict:
+    import json
+
+    from ..errors import InputError
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "analysis.json"
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{p}: no such file (run `adatsq analyze MODEL -o DIR` first)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{p}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != "adatsq.analysis":
+        raise InputError(f"{p}: not an adatsq analysis summary")
+    if data.get("version") != 1:
+        raise InputError(f"{p}: unknown analysis version {data.get('version')!r} (this adatsq reads 1)")
+    return data
+
+
+def write_analysis_plots(summary: dict, folder: Path) -> None:
+    from .plots import fisher_png, sensitivity_png
+
+    fisher_png(summary, folder / "fisher.png")
+    console.print(f"wrote {folder / 'fisher.png'}")
+    if summary.get("sensitivity"):
+        sensitivity_png(summary, folder / "sensitivity.png")
+        console.print(f"wrote {folder / 'sensitivity.png'}")
+
+
+def analysis_markdown(summary: dict) -> str:
+    """Per-step table (Fisher share, loss, sensitivity totals) and the proxy agreement, as Markdown."""
+    f = summary["fisher"]
+    tot = f["total_weight"] if f["source"] == "weight" else f["total_output"]
+    s = summary.get("sensitivity")
+    precs = s["precisions"] if s else []
+    cal = summary["calibration"]
+    lines = [f"Calibration: {cal['samples']} samples ({len(cal['conditions'])} conditions x {len(cal['seeds'])} seeds), "
+             f"{cal['steps']} steps, guidance {cal['guidance']}; Fisher source: {f['source']}; "
+             f"max/min of I[t] = {f['max_min_ratio']}; Spearman(weight, output Fisher) = {f['spearman_weight_output']}",
+             "", "| step | I[t] share | loss | " + " | ".join(f"{p} one-step error" for p in precs) + " |",
+             "|---:|---:|---:|" + "---:|" * len(precs)]
+    total = sum(tot) or 1.0
+    for t, it in enumerate(tot):
+        errs = [sum(g[k][t] for g in s["error"]) for k in range(len(precs))] if s else []
+        lines.append(f"| {t} | {it / total:.3f} | {f['loss'][t]:.4f} | " + " | ".join(f"{e:.3g}" for e in errs) + " |")
+    if s and s.get("check"):
+        c = s["check"]
+        lines += ["", f"Rank agreement with the measured end-to-end error over {len(c['triples'])} "
+                  f"(group, step, precision) triples: one-step error Spearman {c['spearman_velocity']}, "
+                  f"Fisher proxy Spearman {c['spearman_fisher']}."]
+    return "\n".join(lines) + "\n"
+
+
+def print_analysis(summary: dict) -> None:
+    f = summary["fisher"]
+    per = f["per_layer_weight" if f["source"] == "weight" else "per_layer_output"]
+    layers = summary["layers"]
+    t = Table(title="temporal Fisher and sensitivity per step", show_lines=False)
+    s = summary.get("sensitivity")
+    precs = s["precisions"] if s else []
+    for col in ["step", "I[t] share", "loss", *[f"{p} err" for p in precs]]:
+        t.add_column(col, justify="right")
+    tot = [sum(r) for r in per]
+    total = sum(tot) or 1.0
+    for k, it in enumerate(tot):
+        errs = [sum(g[j][k] for g in s["error"]) for j in range(len(precs))] if s else []
+        t.add_row(str(k), f"{it / total:.3f}", f"{f['loss'][k]:.4f}", *[f"{e:.3g}" for e in errs])
+    console.print(t)
+    ratio = f["max_min_ratio"]
+    console.print(f"I[t] max/min across steps: {ratio}; Spearman(weight, output Fisher): {f['spearman_weight_output']}")
+    by_layer = sorted(range(len(layers)), key=lambda i: -sum(r[i] for r in per))[:8]
+    lt = Table(title="layers with the largest Fisher (sum over steps)")
+    lt.add_column("layer")
+    lt.add_column("sum I", justify="right")
+    lt.add_column("peak step", justify="right")
+    lt.add_column("alpha min..max", justify="right")
+    for i in by_layer:
+        col = [r[i] for r in per]
+        al = [r[i] for r in f["alpha"]]
+        lt.add_row(layers[i], f"{sum(col):.3g}", str(max(range(len(col)), key=col.__getitem__)),
+                   f"{min(al):.2f}..{max(al):.2f}")
+    console.print(lt)
+    if s and s.get("check"):
+        c = s["check"]
+        console.print(f"sensitivity ({s['groups']} groups): rank agreement with measured end-to-end error over "
+                      f"{len(c['triples'])} triples: one-step error {c['spearman_velocity']}, "
+                      f"Fisher proxy {c['spearman_fisher']}")
+
+
+def cmd_analyze(args) -> int:
+    import json
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from ..errors import InputError
+    from ..frontend.export import export_model
+    from ..frontend.loading import REFERENCE_RESOLUTIONS
+    from ..frontend.reference import load_reference
+    from ..passes.analysis import AnalysisOptions, analyze
+    from ..passes.cache import default_cache_root
+    from ..passes.calibration import reference_calibration
+    from .io import atomic_write_text
+    from .sysinfo import cpu_name
+
+    precisions = tuple(p.strip().upper() for p in args.precisions.split(",") if p.strip())
+    opts = AnalysisOptions(hessian=args.hessian, step_groups=args.step_groups, hessian_tokens=args.hessian_tokens,
+                           temperature=args.temperature, fisher_source=args.fisher_source, groups=args.groups,
+                           precisions=precisions, sensitivity_samples=args.samples, e2e_steps=args.e2e_steps,
+                           e2e_per_step=args.e2e_per_step, seed=args.seed,
+                           max_hessian_bytes=int(args.max_hessian_mib * 2 ** 20))
+    opts.validate()  # before loading anything
+    if args.model not in REFERENCE_RESOLUTIONS:
+        raise InputError(f"analyze: {args.model!r} is not a reference model with a calibration set "
+                         f"({', '.join(REFERENCE_RESOLUTIONS)}); for your own model build a "
+                         f"adatsq.passes.calibration.CalibrationSet from your prompt embeddings and call "
+                         f"adatsq.passes.analysis.analyze (see README)")
+    ref = load_reference(args.model)
+    classes = None
+    if args.classes != "all":
+        classes = [ref.class_id(c.strip()) for c in args.classes.split(",") if c.strip()]
+    calib = reference_calibration(ref, seeds_per_class=args.seeds_per_class, classes=classes, steps=args.steps,
+                                  guidance=args.guidance, batch=args.batch)
+    opts.validate(calib)
+    out = Path(args.output)
+    cache = None if args.no_cache else Path(args.cache or default_cache_root())
+    t0 = time.perf_counter()
+    with console.status("exporting"):
+        graph = export_model(args.model)
+    console.print(f"exported {graph.arch} in {time.perf_counter() - t0:.1f} s; calibration: {calib.num_samples} "
+                  f"samples x {calib.num_steps} steps (cache: {cache or 'off'})")
+    tasks: dict = {}
+    with Progress(TextColumn("{task.description:<22}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
+        def on_progress(stage, done, total):
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done, total=total)
+
+        result = analyze(graph, calib, opts, cache_dir=cache, progress=on_progress, log=console.print)
+    summary = result.summary()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "analysis.json", json.dumps(summary, indent=1))
+    console.print(f"wrote {out / 'analysis.json'}")
+    md = analysis_markdown(summary)
+    timing = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
+    md += (f"\nAnalysis time {result.seconds:.1f} s ({timing}); peak resident memory "
+           f"{result.peak_rss / 2 ** 20:.0f} MiB; CPU: {cpu_name()}; computed units (0 = cache hit): "
+           f"{result.computed}.\n")
+    atomic_write_text(out / "analysis.md", md)
+    console.print(f"wrote {out / 'analysis.md'}")
+    write_analysis_plots(summary, out)
+    print_analysis(summary)
+    console.print(f"analysis took {result.seconds:.1f} s ({timing}); peak resident memory "
+                  f"{result.peak_rss / 2 ** 20:.0f} MiB")
+    return 0
+
+
 def cmd_models(args) -> int:
     from ..frontend.architectures import BUILTINS
 
@@ -269,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("--json", metavar="FILE", help="also write the table as JSON")
     pi.add_argument("--layers", action="store_true", help="print every layer, not only per-role totals")
     pi.add_argument("--plan", metavar="PLAN.json", help="check a precision plan against the model and show it")
+    pi.add_argument("--analysis", metavar="DIR", help="show an analysis (`adatsq analyze -o DIR`): tables, heatmaps")
+    pi.add_argument("--analysis-png", metavar="DIR", help="where to write the heatmaps (default: beside the analysis)")
     _add_resolution_args(pi)
     pi.set_defaults(func=cmd_inspect)
 
@@ -302,6 +479,38 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--md", metavar="FILE", help="write the Markdown table")
     pv.add_argument("--grid", metavar="FILE.png", help="write a PNG grid: FP row vs variant rows, same seeds")
     pv.set_defaults(func=cmd_eval)
+
+    pa = sub.add_parser("analyze", help="analysis passes on the FP trajectory: Fisher, statistics, Hessians, "
+                        "sensitivity (cached; resumable)")
+    pa.add_argument("model", nargs="?", default="flux-fmnist", help="a reference model (default flux-fmnist)")
+    pa.add_argument("-o", "--output", required=True, metavar="DIR",
+                    help="writes analysis.json, analysis.md, fisher.png, sensitivity.png")
+    g = pa.add_argument_group("calibration set")
+    g.add_argument("--seeds-per-class", type=int, default=2, help="seeds per class (default 2; from seed 10000)")
+    g.add_argument("--classes", default="all", help="comma-separated class names or ids (default: all)")
+    g.add_argument("--steps", type=int, help="sampling steps (default: the model's schedule)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model's)")
+    g.add_argument("--batch", type=int, default=64, help="samples per model call (CFG doubles it)")
+    g = pa.add_argument_group("passes")
+    g.add_argument("--hessian", default="weighted", choices=["weighted", "per_step", "grouped", "none"],
+                   help="weighted: uniform and Fisher-weighted sums (default); per_step; grouped; none")
+    g.add_argument("--step-groups", type=int, default=4, help="step ranges for --hessian grouped")
+    g.add_argument("--hessian-tokens", type=int, help="subsample this many tokens per model call and layer")
+    g.add_argument("--max-hessian-mib", type=float, default=4096, help="Hessians held at once (layers are chunked)")
+    g.add_argument("--fisher-source", default="weight", choices=["weight", "output"],
+                   help="Fisher score that alpha is computed from (default: weight gradients)")
+    g.add_argument("--temperature", type=float, default=1.0, help="alpha ~ I^(1/T) (default 1)")
+    g.add_argument("--groups", default="block", choices=["layer", "role", "block"],
+                   help="sensitivity layer groups (default block; role is ~5x slower)")
+    g.add_argument("--precisions", default="W3A3,W4A4,W4A8,W8A8", help="sensitivity precisions")
+    g.add_argument("--samples", type=int, default=10, help="samples for sensitivity (default 10)")
+    g.add_argument("--e2e-steps", type=int, default=5, help="steps with measured end-to-end errors (default 5)")
+    g.add_argument("--e2e-per-step", type=int, default=4, help="(group, precision) pairs per such step (default 4)")
+    g.add_argument("--seed", type=int, default=0, help="seed of token subsampling and of the checked triples")
+    g = pa.add_argument_group("cache")
+    g.add_argument("--cache", metavar="DIR", help="cache root (default $ADATSQ_CACHE or ~/.cache/adatsq/analysis)")
+    g.add_argument("--no-cache", action="store_true", help="compute everything, store nothing")
+    pa.set_defaults(func=cmd_analyze)
 
     pm = sub.add_parser("models", help="list the builtin models (tiny random-init and trained reference models)")
     pm.set_defaults(func=cmd_models)

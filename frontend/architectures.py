@@ -96,9 +96,9 @@ class Adapter:
     def example_inputs(self, model: nn.Module, res: Resolution, seed: int = 0) -> dict[str, torch.Tensor]:
         self.check(model.config, res)
         gen = torch.Generator().manual_seed(seed)
-        dtype = next(model.parameters()).dtype
-        inputs = self.make_inputs(model, res, gen)
-        return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
+        p = next(model.parameters())
+        inputs = self.make_inputs(model, res, gen)  # drawn on the CPU: the same values on any device
+        return {k: (v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device)) for k, v in inputs.items()}
 
     def wrap(self, model: nn.Module, input_names: tuple[str, ...]) -> TransformerCall:
         return TransformerCall(model, self.call, input_names)

@@ -95,6 +95,7 @@ class AnalysisOptions:
     e2e_per_step: int = 4  # ... for this many (group, precision) pairs each
     seed: int = 0
     max_hessian_bytes: int = 4 << 30
+    hessian_layers: str | None = None  # regex on parameter names: Hessians only for these (all: None)
 
     def validate(self, calib: CalibrationSet | None = None) -> None:
         if self.hessian not in HESSIAN_MODES:
@@ -117,6 +118,11 @@ class AnalysisOptions:
             raise InputError("analysis: sensitivity_samples must be >= 1, e2e counts >= 0")
         if self.max_hessian_bytes < 1:
             raise InputError("analysis: max_hessian_bytes must be positive")
+        if self.hessian_layers is not None:
+            try:
+                re.compile(self.hessian_layers)
+            except re.error as exc:
+                raise InputError(f"analysis: hessian layer pattern {self.hessian_layers!r} is not a regex ({exc})") from None
         if calib is not None and self.hessian == "grouped" and self.step_groups > calib.num_steps:
             raise InputError(f"analysis: {self.step_groups} step groups for {calib.num_steps} steps")
 
@@ -369,11 +375,16 @@ class AnalysisPass(Pass):
             raise PreconditionError(f"{self.name}: needs {', '.join(missing)} (run "
                                     f"{', '.join(_PRODUCER[k] for k in missing)} first)")
 
-    def _annotate_layers(self, graph: Any, make: Callable[[str], Any]) -> None:
+    def _annotate_layers(self, graph: Any, cls: type, make: Callable[[str], Any]) -> None:
+        """Annotate every call node of every layer with ``make(param)``; where that is None, drop a
+        stale ``cls`` annotation left by an earlier analysis of the same graph."""
         for param, nodes in layer_nodes(graph).items():
             value = make(param)
             for node in nodes:
-                annotate(node, value)
+                if value is None:
+                    node.meta.pop(cls.KEY, None)
+                else:
+                    annotate(node, value)
 
     def _run_units(self, name: str, key: str, units: list[Any], state: dict[str, torch.Tensor],
                    step_fn: Callable[[Any, dict[str, torch.Tensor]], None], meta: dict | None = None,
@@ -473,7 +484,7 @@ class TemporalFisher(AnalysisPass):
         ctx.results["fisher"] = dict(weight=iw, output=iy, alpha=alpha, proxy=proxy, loss=state["loss"] / rows[:, 0],
                                      seconds=state["seconds"])
         col = {p: i for i, p in enumerate(params)}
-        self._annotate_layers(graph, lambda p: FisherScores(
+        self._annotate_layers(graph, FisherScores, lambda p: FisherScores(
             p, tuple(iw[:, col[p]].tolist()), tuple(iy[:, col[p]].tolist()), tuple(alpha[:, col[p]].tolist()),
             opt.fisher_source, opt.temperature))
         tot_w, tot_y = iw.sum(1), iy.sum(1)
@@ -519,11 +530,12 @@ class TemporalFisher(AnalysisPass):
             k += len(calls)
             if not calls:
                 continue
-            xs = torch.cat([input_tokens(m, i) for i, _ in calls], dim=1).float()
+            xs = torch.cat([input_tokens(m, i) for i, _ in calls], dim=1)
             gt = torch.cat([output_tokens(m, g if g is not None else torch.zeros_like(o)) for (_, o), g in zip(calls, gs)],
-                           dim=1).float()
+                           dim=1)
             a = time.perf_counter()
             st["weight"][t, li] += float(per_sample_weight_grad_sqnorm(xs, gt).sum())
+            gt = gt.float()
             b_ = time.perf_counter()
             st["output"][t, li] += float(gt.double().square().sum())
             with torch.no_grad():
@@ -541,10 +553,20 @@ class TemporalFisher(AnalysisPass):
 
 
 # =========================================================================== 3. statistics, Hessians
+def hessian_params(table: LayerTable, options: AnalysisOptions) -> list[str]:
+    """The layers that get Hessians (``hessian_layers`` regex; all by default), in table order."""
+    if options.hessian_layers is None:
+        return table.names
+    got = [p for p in table.names if re.search(options.hessian_layers, p)]
+    if not got:
+        raise InputError(f"analysis: hessian layer pattern {options.hessian_layers!r} matches no layer")
+    return got
+
+
 def hessian_memory(table: LayerTable, options: AnalysisOptions, steps: int) -> dict[str, int]:
     """Bytes the statistics pass holds: Hessian sums (float64, per slot) and per-step statistics."""
     slots = options.hessian_slots(steps)
-    per_layer = {i.param: slots * i.in_features ** 2 * 8 for i in table}
+    per_layer = {p: slots * table[p].in_features ** 2 * 8 for p in hessian_params(table, options)}
     stats = sum(steps * (i.in_features * 4 + 4 * 8) for i in table)
     return dict(hessians=sum(per_layer.values()), largest_layer=max(per_layer.values(), default=0), stats=stats)
 
@@ -555,12 +577,12 @@ def hessian_chunks(table: LayerTable, options: AnalysisOptions, steps: int) -> l
     if slots == 0:
         return [table.names]
     chunks, cur, size = [], [], 0
-    for info in table:
-        b = slots * info.in_features ** 2 * 8
+    for p in hessian_params(table, options):
+        b = slots * table[p].in_features ** 2 * 8
         if cur and size + b > options.max_hessian_bytes:
             chunks.append(cur)
             cur, size = [], 0
-        cur.append(info.param)
+        cur.append(p)
         size += b
     if cur:
         chunks.append(cur)
@@ -587,7 +609,7 @@ class ActivationStatistics(AnalysisPass):
         alpha = ctx.results["fisher"]["alpha"] if opt.hessian == "weighted" else None
         col = {p: i for i, p in enumerate(table.names)}
         base = dict(hessian=opt.hessian, step_groups=opt.step_groups if opt.hessian == "grouped" else None,
-                    tokens=opt.hessian_tokens, seed=opt.seed)
+                    tokens=opt.hessian_tokens, seed=opt.seed, hessian_layers=opt.hessian_layers)
         if alpha is not None:  # the weighted sums depend on alpha, hence on its source and temperature
             base.update(fisher_source=opt.fisher_source, temperature=opt.temperature)
         stats_out: dict[str, ActivationStats] = {}
@@ -632,9 +654,8 @@ class ActivationStatistics(AnalysisPass):
             del state
         ctx.results["stats"] = stats_out
         ctx.results["hessians"] = hess_out
-        self._annotate_layers(graph, lambda p: stats_out[p])
-        if hess_out:
-            self._annotate_layers(graph, lambda p: hess_out[p])
+        self._annotate_layers(graph, ActivationStats, lambda p: stats_out.get(p))
+        self._annotate_layers(graph, HessianRef, lambda p: hess_out.get(p))
         ctx.timings[self.name] = time.perf_counter() - t0
         return PassResult(graph, False)
 
@@ -761,7 +782,7 @@ class ReconstructionSensitivity(AnalysisPass):
             return Sensitivity(p, group_of[p], tuple(opt.precisions),
                                tuple(tuple(err[gi, pi].tolist()) for pi in range(len(bits))), tuple(prox))
 
-        self._annotate_layers(graph, make)
+        self._annotate_layers(graph, Sensitivity, make)
         if check is not None:
             annotate(output_node(graph), check)
         ctx.timings[self.name] = time.perf_counter() - t0

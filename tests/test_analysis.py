@@ -140,6 +140,12 @@ def test_token_subsampling_and_chunking(tiny, per_step, tmp_path):
         c = chunked.results["hessians"][p]
         assert c.path  # large-model mode: matrices stay in the cache file
         assert torch.allclose(c.sums(), h.sums(), rtol=1e-12), p
+    # Hessians for a subset of layers only (streaming a big model block by block); stats for all
+    some = _run(tiny, hessian="per_step", hessian_layers=r"attn\.to_q")
+    assert set(some.results["hessians"]) == {p for p in per_step.table.names if "attn.to_q" in p}
+    assert set(some.results["stats"]) == set(per_step.table.names)
+    q = "transformer_blocks.0.attn.to_q.weight"
+    assert torch.equal(some.results["hessians"][q].sums(), per_step.results["hessians"][q].sums())
 
 
 # --------------------------------------------------------------------------- Fisher
@@ -182,7 +188,7 @@ def test_per_sample_grad_norm_both_forms():
     for t, k, o in ((3, 8, 5), (40, 4, 3)):  # Gram form, then explicit form
         x, gr = torch.randn(4, t, k, generator=g), torch.randn(4, t, o, generator=g)
         want = torch.stack([(gr[b].double().T @ x[b].double()).square().sum() for b in range(4)])
-        assert torch.allclose(per_sample_weight_grad_sqnorm(x, gr), want, rtol=1e-10)
+        assert torch.allclose(per_sample_weight_grad_sqnorm(x, gr), want, rtol=1e-5)
 
 
 def test_normalise_alpha_and_temperature():
@@ -302,6 +308,8 @@ def test_bad_inputs(tiny):
         AnalysisOptions(hessian="diag").validate()
     with pytest.raises(InputError, match="precision"):
         AnalysisOptions(precisions=("W5A5",)).validate()
+    with pytest.raises(InputError, match="not a regex"):
+        AnalysisOptions(hessian_layers="(").validate()
     with pytest.raises(InputError, match="step groups"):
         AnalysisOptions(hessian="grouped", step_groups=9).validate(calib)
     with pytest.raises(InputError, match="seeds repeat"):

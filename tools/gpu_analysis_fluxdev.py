@@ -22,6 +22,7 @@ to the full model, 50 steps and N calibration samples, as JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import time
@@ -53,6 +54,7 @@ def main() -> None:
     ap.add_argument("--text-len", type=int, default=512)
     ap.add_argument("--precisions", default="W4A4,W8A8")
     ap.add_argument("--max-hessian-gib", type=float, default=24)
+    ap.add_argument("--hessian-tokens", type=int, help="subsample tokens per call and layer for the Hessians")
     ap.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a smoke test of the script)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -68,6 +70,10 @@ def main() -> None:
     from adatsq.passes.calibration import CalibrationSet
 
     dev = torch.device(args.device)
+    if dev.type == "cuda":
+        # torch 2.11+cu130 on the H100: the cuDNN SDPA kernels fail in bf16 on Flux shapes (seen in
+        # training too); the flash/efficient kernels are used instead
+        torch.backends.cuda.enable_cudnn_sdp(False)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     if dev.type != "cuda":
         torch.cuda.reset_peak_memory_stats = lambda: None
@@ -86,11 +92,14 @@ def main() -> None:
     calib = CalibrationSet(den, conds, (10_000,), schedule, batch=1)
     t0 = time.perf_counter()
     graph = export_model(model, Resolution(height=2 * args.tokens, width=2 * args.tokens, text_len=args.text_len,
-                                           batch=1))
+                                           batch=1), dynamic=False)
     export_s = time.perf_counter() - t0
     precisions = tuple(args.precisions.split(","))
-    opts = AnalysisOptions(hessian="weighted", precisions=precisions,
-                           max_hessian_bytes=int(args.max_hessian_gib * 2 ** 30))
+    # Hessians of the first double and first single block only (the full slice's float64 sums would
+    # not fit): their GEMM cost is extrapolated by sum(K^2)
+    opts = AnalysisOptions(hessian="weighted", precisions=precisions, hessian_tokens=args.hessian_tokens,
+                           max_hessian_bytes=int(args.max_hessian_gib * 2 ** 30),
+                           hessian_layers=r"^(transformer_blocks\.0|single_transformer_blocks\.0)\.")
     ctx = AnalysisContext(calib, opts, fingerprint="gpu-bench")
     table = ctx.layers(graph)
     plan = memory_plan(table, calib, opts)
@@ -119,13 +128,27 @@ def main() -> None:
         passes[cls.__name__] = dict(seconds=round(s, 3), per_sample_step=round(s / args.steps, 3),
                                     peak_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2))
         print(cls.__name__, passes[cls.__name__], flush=True)
+    # the statistics pass once more without Hessians: what the replay and statistics cost alone
+    ctx2 = AnalysisContext(calib, dataclasses.replace(opts, hessian="none"), fingerprint="gpu-bench")
+    ctx2.results, ctx2.table, ctx2.modules = dict(ctx.results), ctx.table, ctx.modules
+    sync()
+    t0 = time.perf_counter()
+    ActivationStatistics(ctx2)(graph)
+    sync()
+    stats_only = time.perf_counter() - t0
     f = ctx.results["fisher"]["seconds"].tolist()
+    hk2 = sum(table[p].in_features ** 2 for p in ctx.results["hessians"])
+    slice_k2 = sum(i.in_features ** 2 for i in table)
     groups = len(layer_groups(table, "block"))
 
     full = hessian_entries_full_depth()
     frac = params / full["params"]
     steps50, n = 50, 64
     per_ss = {k: v["per_sample_step"] / frac for k, v in passes.items()}
+    share = hk2 / slice_k2
+    hess_extra = max(passes["ActivationStatistics"]["seconds"] - stats_only, 0.0)
+    # statistics at full depth: replay + statistics scale with parameters, Hessian GEMMs with sum(K^2)
+    per_ss["ActivationStatistics"] = (stats_only / frac + hess_extra / share * full["sum_k2"] / slice_k2) / args.steps
     sens_per_step = groups / frac * len(opts.precisions) * fwd_s / frac  # forwards per step x forward time
     est = dict(
         assumption=f"cost scales with parameters (slice = {frac:.3f} of Flux-dev); {steps50} steps, {n} samples, "
@@ -135,10 +158,12 @@ def main() -> None:
         statistics_h=per_ss["ActivationStatistics"] * steps50 * n / 3600,
         sensitivity_h=sens_per_step * steps50 * 8 / 3600,
         hessian_gib_full_depth_per_slot_f64=full["sum_k2"] * 8 / 2 ** 30,
+        hessian_share_measured=share,
+        statistics_without_hessians_s=round(stats_only, 3), hessian_gemm_s=round(hess_extra, 3),
     )
     out = dict(
         date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-        slice=dict(double=args.double, single=args.single, params=params, linears=len(table)),
+        hessian_tokens=args.hessian_tokens, slice=dict(double=args.double, single=args.single, params=params, linears=len(table)),
         full_depth=full, tokens=args.tokens ** 2 + args.text_len, steps=args.steps, precisions=list(precisions),
         init_s=round(init_s, 1), export_s=round(export_s, 1), forward_s=round(fwd_s, 4),
         fisher_breakdown_s=dict(forward_backward=round(f[0], 2), weight_grad_norms=round(f[1], 2),

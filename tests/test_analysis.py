@@ -183,6 +183,15 @@ def test_fisher_equals_per_row_autograd(tiny, per_step):
             assert fisher["output"][t, col].item() == pytest.approx(sq_y[p] / rows, rel=1e-4), (p, t)
 
 
+def test_latent_fisher_weighting(tiny, per_step):
+    lat = _run(tiny, fisher_weighting="latent")
+    sig = per_step.results["sigmas"]
+    d2 = (sig[1:] - sig[:-1]) ** 2
+    want = normalise_alpha(per_step.results["fisher"]["weight"] * d2[:, None])
+    assert torch.allclose(lat.results["fisher"]["alpha"], want)
+    assert not torch.allclose(want, per_step.results["fisher"]["alpha"])
+
+
 def test_per_sample_grad_norm_both_forms():
     g = torch.Generator().manual_seed(0)
     for t, k, o in ((3, 8, 5), (40, 4, 3)):  # Gram form, then explicit form

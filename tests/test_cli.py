@@ -108,3 +108,40 @@ def test_plan_check_through_cli(tmp_path, capsys):
     r = run_cli("plan", "tiny-dit", "-o", str(tmp_path / "bad.json"), "--precision", "W5A5")
     assert r.returncode == 2 and "'W5A5' not in the lattice" in r.stderr
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_analyze_then_inspect(tmp_path, capsys):
+    """A small analysis of flux-fmnist through the CLI; then `inspect --analysis` shows it again."""
+    out, cache = tmp_path / "an", tmp_path / "cache"
+    args = ["analyze", "flux-fmnist", "-o", str(out), "--cache", str(cache), "--steps", "2", "--classes", "0,1",
+            "--seeds-per-class", "1", "--samples", "2", "--precisions", "W4A4", "--e2e-steps", "2",
+            "--e2e-per-step", "1"]
+    assert main(args) == 0
+    summary = json.loads((out / "analysis.json").read_text())
+    assert summary["format"] == "adatsq.analysis" and len(summary["fisher"]["total_weight"]) == 2
+    assert summary["sensitivity"]["precisions"] == ["W4A4"]
+    for name in ("fisher.png", "sensitivity.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / name).stat().st_size > 10_000, name
+    assert "| step | I[t] share |" in (out / "analysis.md").read_text()
+    assert "I[t] max/min" in capsys.readouterr().out
+    # a rerun is served from the cache and gives the same JSON
+    first = (out / "analysis.json").read_text()
+    assert main(args) == 0
+    assert "'trajectory': 0, 'fisher': 0" in (out / "analysis.md").read_text()
+    assert (out / "analysis.json").read_text() == first
+    (out / "fisher.png").unlink()
+    assert main(["inspect", "flux-fmnist", "--analysis", str(out)]) == 0
+    assert (out / "fisher.png").is_file()
+    assert "temporal Fisher" in capsys.readouterr().out
+
+
+def test_analyze_errors(tmp_path):
+    r = run_cli("analyze", "tiny-flux", "-o", str(tmp_path / "x"))
+    assert r.returncode == 2 and "calibration set" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("analyze", "flux-fmnist", "-o", str(tmp_path / "x"), "--precisions", "W5A5")
+    assert r.returncode == 2 and "W5A5" in r.stderr
+    bad = tmp_path / "analysis.json"
+    bad.write_text("{not json")
+    r = run_cli("inspect", "tiny-flux", "--analysis", str(bad))
+    assert r.returncode == 2 and "not valid JSON" in r.stderr
+    assert not (tmp_path / "x").exists()

@@ -301,6 +301,8 @@ def analysis_markdown(summary: dict) -> str:
 
 
 def print_analysis(summary: dict) -> None:
+    from rich.markup import escape
+
     f = summary["fisher"]
     per = f["per_layer_weight" if f["source"] == "weight" else "per_layer_output"]
     layers = summary["layers"]
@@ -308,7 +310,7 @@ def print_analysis(summary: dict) -> None:
     s = summary.get("sensitivity")
     precs = s["precisions"] if s else []
     for col in ["step", "I[t] share", "loss", *[f"{p} err" for p in precs]]:
-        t.add_column(col, justify="right")
+        t.add_column(escape(col), justify="right")
     tot = [sum(r) for r in per]
     total = sum(tot) or 1.0
     for k, it in enumerate(tot):
@@ -316,7 +318,8 @@ def print_analysis(summary: dict) -> None:
         t.add_row(str(k), f"{it / total:.3f}", f"{f['loss'][k]:.4f}", *[f"{e:.3g}" for e in errs])
     console.print(t)
     ratio = f["max_min_ratio"]
-    console.print(f"I[t] max/min across steps: {ratio}; Spearman(weight, output Fisher): {f['spearman_weight_output']}")
+    console.print(f"I[t] max/min across steps: {ratio}; Spearman(weight, output Fisher): "
+                  f"{f['spearman_weight_output']}", markup=False)
     by_layer = sorted(range(len(layers)), key=lambda i: -sum(r[i] for r in per))[:8]
     lt = Table(title="layers with the largest Fisher (sum over steps)")
     lt.add_column("layer")
@@ -353,7 +356,8 @@ def cmd_analyze(args) -> int:
 
     precisions = tuple(p.strip().upper() for p in args.precisions.split(",") if p.strip())
     opts = AnalysisOptions(hessian=args.hessian, step_groups=args.step_groups, hessian_tokens=args.hessian_tokens,
-                           temperature=args.temperature, fisher_source=args.fisher_source, groups=args.groups,
+                           temperature=args.temperature, fisher_source=args.fisher_source,
+                           fisher_weighting=args.fisher_weighting, groups=args.groups,
                            precisions=precisions, sensitivity_samples=args.samples, e2e_steps=args.e2e_steps,
                            e2e_per_step=args.e2e_per_step, seed=args.seed,
                            max_hessian_bytes=int(args.max_hessian_mib * 2 ** 20))
@@ -499,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-hessian-mib", type=float, default=4096, help="Hessians held at once (layers are chunked)")
     g.add_argument("--fisher-source", default="weight", choices=["weight", "output"],
                    help="Fisher score that alpha is computed from (default: weight gradients)")
+    g.add_argument("--fisher-weighting", default="loss", choices=["loss", "latent"],
+                   help="loss: the velocity-loss Fisher I[t] (default, the paper's); latent: I[t] * dsigma_t^2")
     g.add_argument("--temperature", type=float, default=1.0, help="alpha ~ I^(1/T) (default 1)")
     g.add_argument("--groups", default="block", choices=["layer", "role", "block"],
                    help="sensitivity layer groups (default block; role is ~5x slower)")

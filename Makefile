@@ -34,6 +34,7 @@ demo: $(VENV)/.installed data
 	$(ADATSQ) inspect $(OUT)/$(MODEL).onnx
 	$(ADATSQ) eval $(MODEL) -n 100 --variant w8a8-rtn --variant w4a8-rtn \
 	  --json $(OUT)/eval.json --md $(OUT)/eval.md --grid $(OUT)/eval.png
+	$(ADATSQ) analyze $(MODEL) -o $(OUT)/analysis --cache $(OUT)/cache
 
 test: $(VENV)/.installed data
 	$(PY) -m pytest -q -n 2 -p no:cacheprovider

@@ -330,6 +330,24 @@ def _repeat_condition(cond: Any, times: int) -> Any:
     return out
 
 
+def replay_inputs(calib: CalibrationSet, latents: torch.Tensor, step: int, params: Sequence[str],
+                  samples: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    """The rows every layer in ``params`` multiplies at ``step`` (``[rows, K]``, both CFG passes),
+    replayed from FP trajectory ``latents`` (``[S+1, N, ...]``, as CaptureTrajectory keeps it) for
+    ``samples`` (default: all). For weight optimisers that need raw activations of a few layers."""
+    transformer = getattr(calib.denoiser, "transformer", None)
+    mods = layer_modules(transformer, list(params))
+    idx = list(range(calib.num_samples)) if samples is None else list(samples)
+    rows: dict[str, list[torch.Tensor]] = {p: [] for p in params}
+    with torch.inference_mode(), capture(mods, lambda p, m, i, o: rows[p].append(input_tokens(m, i))):
+        calib.denoiser(*calib.model_inputs(latents[step, idx], step, idx))
+    out = {}
+    for p, xs in rows.items():
+        x = torch.cat(xs, dim=1)
+        out[p] = x.reshape(-1, x.shape[-1])
+    return out
+
+
 # =========================================================================== context
 class AnalysisContext:
     """What the analysis passes share: the calibration set, options, cache, progress and results."""
@@ -954,8 +972,7 @@ def memory_plan(table: LayerTable, calib: CalibrationSet, options: AnalysisOptio
     per_chunk = max((sum(options.hessian_slots(steps) * table[p].in_features ** 2 * 8 for p in c) for c in chunks),
                     default=0)
     return dict(trajectory=lat, stats=h["stats"], hessians_total=h["hessians"], hessians_resident=per_chunk,
-                hessian_chunks=len(chunks), largest_layer_hessians=h["largest_layer"],
-                fisher_qweights=sum(i.params * 4 * len(options.precisions) for i in table))
+                hessian_chunks=len(chunks), largest_layer_hessians=h["largest_layer"])
 
 
 def analyze(graph: Any, calib: CalibrationSet, options: AnalysisOptions | None = None,
@@ -986,7 +1003,7 @@ def analyze(graph: Any, calib: CalibrationSet, options: AnalysisOptions | None =
         mib = lambda b: f"{b / 2 ** 20:.1f} MiB"  # noqa: E731
         log(f"memory plan: trajectory {mib(plan['trajectory'])}, statistics {mib(plan['stats'])}, Hessians "
             f"{mib(plan['hessians_total'])} in {plan['hessian_chunks']} chunk(s) of at most "
-            f"{mib(plan['hessians_resident'])}, quantized weight copies {mib(plan['fisher_qweights'])}")
+            f"{mib(plan['hessians_resident'])} (largest layer {mib(plan['largest_layer_hessians'])})")
     Pipeline([CaptureTrajectory(ctx), TemporalFisher(ctx), ActivationStatistics(ctx),
               ReconstructionSensitivity(ctx)], name="analysis")(graph)
     return AnalysisResult(table, calib.describe(), options, ctx.results, ctx.timings, ctx.computed, plan,

@@ -21,7 +21,7 @@ from adatsq.frontend.schedule import default_schedule
 from adatsq.passes.analysis import (ActivationStatistics, ActivationStats, AnalysisContext, AnalysisOptions,
                                     FisherProfile, FisherScores, HessianRef, Sensitivity, SensitivityCheck,
                                     TemporalFisher, analyze, layer_groups, layer_nodes, normalise_alpha,
-                                    output_node, spearman)
+                                    output_node, replay_inputs, spearman)
 from adatsq.passes.annotations import encode, get_annotation
 from adatsq.passes.calibration import CalibrationSet
 from adatsq.passes.capture import capture, input_tokens, layer_modules, per_sample_weight_grad_sqnorm
@@ -91,6 +91,15 @@ def test_hessians_equal_explicit_per_step(tiny, per_step):
             got = ref.sums()[t]
             assert ref.counts[t] == x.shape[0]
             assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max())), param
+
+
+def test_replay_inputs_match(tiny, per_step):
+    den, _, calib = tiny
+    lat = per_step.results["trajectory"]
+    p = "single_transformer_blocks.0.proj_out.weight"
+    got = replay_inputs(calib, lat, 1, [p])[p]
+    assert torch.allclose(got.double(), _explicit_inputs(den, calib, lat, 1, p))
+    assert replay_inputs(calib, lat, 1, [p], samples=[0])[p].shape[0] == got.shape[0] // calib.num_samples
 
 
 def test_stats_equal_explicit(tiny, per_step):

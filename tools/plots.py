@@ -58,12 +58,19 @@ def fisher_png(summary: Mapping[str, Any], path: str | Path, title: str = "") ->
     gs = fig.add_gridspec(2, 2, height_ratios=[1.2, max(3.0, 0.16 * len(layers))], width_ratios=[1, 1],
                           hspace=0.08, wspace=0.35)
     ax_bar = fig.add_subplot(gs[0, 0])
-    ax_bar.bar(np.arange(steps), total / total.sum(), color="#c0392b")
+    ax_bar.bar(np.arange(steps), total / total.sum(), color="#c0392b", label="I[t] (velocity loss)")
+    if f.get("total_latent"):
+        lat = np.asarray(f["total_latent"], dtype=float)
+        ax_bar.plot(np.arange(steps), lat / lat.sum(), color="#2c3e50", marker=".", lw=1,
+                    label="I[t] * dsigma_t^2 (latent)")
+        ax_bar.legend(fontsize=7, loc="upper center")
+    ax_bar.set_yscale("log")
     ax_bar.set_xlim(-0.5, steps - 0.5)
     ax_bar.set_xticks([])
+    ax_bar.set_ylabel("share", fontsize=8)
     ratio = f.get("max_min_ratio")
-    ax_bar.set_title(f"{title}per-step Fisher I[t] (share of total; max/min = "
-                     f"{ratio:.3g})" if ratio else f"{title}per-step Fisher I[t]", fontsize=10)
+    ax_bar.set_title(f"{title}per-step Fisher I[t] (max/min = {ratio:.3g})" if ratio else
+                     f"{title}per-step Fisher I[t]", fontsize=10)
     ax = fig.add_subplot(gs[1, 0])
     im = ax.imshow(_log10(per_layer.T), aspect="auto", cmap="magma", interpolation="nearest")
     ax.set_yticks(range(len(layers)), layers, fontsize=6)
@@ -91,10 +98,11 @@ def sensitivity_png(summary: Mapping[str, Any], path: str | Path, title: str = "
     precisions = s["precisions"]
     n_p = len(precisions)
     chk = s.get("check")
-    cols = n_p + (1 if chk else 0)
+    cols = n_p + (2 if chk else 0)  # a spacer column keeps the colorbar off the scatter plot
     hmap_h = max(2.5, 0.22 * len(groups))
-    fig = plt.figure(figsize=(4.2 * cols, hmap_h + 2.2))
-    gs = fig.add_gridspec(2, cols, height_ratios=[1, hmap_h], hspace=0.1, wspace=0.4)
+    fig = plt.figure(figsize=(4.2 * (n_p + (1.5 if chk else 0)), hmap_h + 2.2))
+    gs = fig.add_gridspec(2, cols, height_ratios=[1, hmap_h], hspace=0.1, wspace=0.4,
+                          width_ratios=[1] * n_p + ([0.35, 1.2] if chk else []))
     lo = np.nanmin(_log10(err))
     hi = np.nanmax(_log10(err))
     for k, prec in enumerate(precisions):
@@ -111,7 +119,7 @@ def sensitivity_png(summary: Mapping[str, Any], path: str | Path, title: str = "
         if k == n_p - 1:
             fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02, label="log10 one-step latent MSE")
     if chk:
-        ax = fig.add_subplot(gs[:, n_p])
+        ax = fig.add_subplot(gs[:, n_p + 1])
         e2e = np.asarray(chk["end_to_end"], dtype=float)
         for key, label, color in (("velocity_proxy", "one-step error", "#2980b9"),
                                   ("fisher_proxy", "Fisher proxy x dsigma^2", "#c0392b")):
@@ -122,7 +130,7 @@ def sensitivity_png(summary: Mapping[str, Any], path: str | Path, title: str = "
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("end-to-end final-sample MSE (measured)")
-        ax.set_ylabel("proxy")
+        ax.set_ylabel("proxy (latent MSE units)")
         ax.legend(fontsize=7, loc="upper left")
         ax.set_title(f"proxies vs measured ({len(e2e)} triples)", fontsize=9)
     _save(fig, path)

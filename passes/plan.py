@@ -189,11 +189,6 @@ class PrecisionPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> "PrecisionPlan":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise PlanError(f"{path}: no such file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PlanError(f"{path}: not valid JSON ({exc})") from None
-        return cls.from_json(data, where=str(path))
+        from ..tools.io import read_json
+
+        return cls.from_json(read_json(path, PlanError), where=str(path))

@@ -253,8 +253,9 @@ def test_spearman():
 
 
 # --------------------------------------------------------------------------- annotations
-def test_annotations_on_graph_and_onnx_encoding(tiny, per_step):
+def test_annotations_on_graph_and_onnx_encoding(tiny):
     _, graph, _ = tiny
+    per_step = _run(tiny, hessian="per_step")  # the graph is shared: its annotations are the last run's
     nodes = layer_nodes(graph)
     assert set(nodes) == set(per_step.table.names)
     for param, ns in nodes.items():
@@ -262,6 +263,8 @@ def test_annotations_on_graph_and_onnx_encoding(tiny, per_step):
             f = get_annotation(node, FisherScores)
             assert f is not None and f.param == param and len(f.alpha) == STEPS
             assert get_annotation(node, ActivationStats) is not None
+            h = get_annotation(node, HessianRef)
+            assert h.param == param and h.sums().shape[0] == STEPS
             assert get_annotation(node, Sensitivity).param == param
             enc = encode(node.meta)
             assert "adatsq.fisher" in enc and "adatsq.sensitivity" in enc

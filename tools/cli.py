@@ -246,19 +246,13 @@ def _analysis_dir(path: str) -> Path:
 
 
 def load_analysis(path: str) -> dict:
-    import json
-
     from ..errors import InputError
+    from .io import read_json
 
     p = Path(path)
     if p.is_dir():
         p = p / "analysis.json"
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{p}: no such file (run `adatsq analyze MODEL -o DIR` first)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{p}: not valid JSON ({exc})") from None
+    data = read_json(p, InputError, "no such file (run `adatsq analyze MODEL -o DIR` first)")
     if not isinstance(data, dict) or data.get("format") != "adatsq.analysis":
         raise InputError(f"{p}: not an adatsq analysis summary")
     if data.get("version") != 1:

@@ -40,3 +40,16 @@ def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> None:
     """``writer(tmp_path)`` writes the artefact; it appears under ``path`` only if writer succeeds."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def read_json(path: str | Path, error: type[Exception], missing: str = "no such file") -> object:
+    """Parse a JSON file; a missing or malformed file raises ``error`` naming the path."""
+    import json
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: {missing}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from None

@@ -66,9 +66,10 @@ from ..frontend.sampling import _cat_conditions
 from .annotations import annotate, get_annotation, register_annotation
 from .cache import AnalysisCache, Checkpointer, options_key
 from .calibration import CalibrationSet
-from .capture import (capture, fake_quant_weight, input_tokens, layer_modules, output_tokens,
-                      per_sample_weight_grad_sqnorm, quantized_call, replicated_quantization)
+from .capture import (capture, input_tokens, layer_modules, output_tokens, per_sample_weight_grad_sqnorm,
+                      quantized_call, replicated_quantization)
 from .infra import Pass, PassResult, PreconditionError
+from .quant import fake_quant_weight
 
 Progress = Callable[[str, int, int], None]
 HESSIAN_MODES = ("weighted", "per_step", "grouped", "none")
@@ -353,8 +354,7 @@ class AnalysisContext:
     """What the analysis passes share: the calibration set, options, cache, progress and results."""
 
     def __init__(self, calib: CalibrationSet, options: AnalysisOptions | None = None,
-                 cache: AnalysisCache | None = None, progress: Progress | None = None,
-                 fingerprint: str | None = None):
+                 cache: AnalysisCache | None = None, progress: Progress | None = None):
         self.calib = calib
         self.options = options or AnalysisOptions()
         self.options.validate(calib)
@@ -366,19 +366,10 @@ class AnalysisContext:
         self.transformer = transformer
         #: where per-layer accumulators live: the model's device (trajectories stay on the CPU)
         self.device = next(transformer.parameters()).device
-        self._fingerprint = fingerprint
         self.results: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
         self.computed: dict[str, int] = {}  # units computed (not loaded from cache) per pass
         self.table: LayerTable | None = None
-
-    @property
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            from .plan import fingerprint_model
-
-            self._fingerprint = fingerprint_model(self.transformer).short
-        return self._fingerprint
 
     def layers(self, graph: Any) -> LayerTable:
         if self.table is None:
@@ -995,7 +986,6 @@ def analyze(graph: Any, calib: CalibrationSet, options: AnalysisOptions | None =
     if fp_graph != fp_model:
         raise InputError(f"analysis: the graph ({fp_graph.short}) was not exported from the calibration "
                          f"set's model ({fp_model.short})")
-    ctx._fingerprint = fp_model.short
     if cache_dir is not None:
         ctx.cache = AnalysisCache(Path(cache_dir) / f"{fp_model.short}-{calib.key()}", checkpoint_every_s)
     plan = memory_plan(table, calib, options)

@@ -11,8 +11,9 @@ The library does not own a data loader (modelopt's ``forward_loop`` convention):
 yields exactly the ``(x, sigma, condition)`` batches the sampler evaluates at a step.
 
 The cache key (:meth:`CalibrationSet.key`) covers everything that changes what the model sees:
-conditions (their bytes), seeds, schedule timesteps, guidance. Batch size is not in the key: every
-quantity the passes accumulate is a sum over samples taken in a fixed order.
+conditions (their bytes), seeds, schedule timesteps, guidance, and the batch size (sums over
+batches differ from one batch size to another at float rounding level, and token subsampling
+draws per batch).
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ class CalibrationSet:
     def key(self) -> str:
         h = hashlib.sha256()
         h.update(json.dumps(dict(seeds=list(self.seeds), schedule=self.schedule.to_json(),
-                                 guidance=self.effective_guidance), sort_keys=True).encode())
+                                 guidance=self.effective_guidance, batch=self.batch), sort_keys=True).encode())
         for c in self.conditions:
             _digest(c, h)
         return h.hexdigest()[:16]

@@ -23,6 +23,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..errors import InputError, UnsupportedArchitectureError
+from .quant import fake_quant_tokens
 
 
 def layer_modules(transformer: nn.Module, params: list[str]) -> dict[str, nn.Module]:
@@ -115,25 +116,6 @@ def per_sample_weight_grad_sqnorm(x: torch.Tensor, g: torch.Tensor) -> torch.Ten
 
 
 # --------------------------------------------------------------------------- fake quantization
-def fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Symmetric per-output-channel RTN of a weight ``[O, ...]`` (dequantized)."""
-    if bits >= 16:
-        return w
-    qmax = 2 ** (bits - 1) - 1
-    flat = w.reshape(w.shape[0], -1)
-    scale = flat.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / qmax
-    return ((flat / scale).round().clamp(-qmax - 1, qmax) * scale).reshape(w.shape)
-
-
-def fake_quant_tokens(x: torch.Tensor, bits: int, dims: int | tuple[int, ...] = -1) -> torch.Tensor:
-    """Symmetric dynamic RTN of an activation with one scale per slice over ``dims`` (dequantized)."""
-    if bits >= 16:
-        return x
-    qmax = 2 ** (bits - 1) - 1
-    scale = x.abs().amax(dim=dims, keepdim=True).clamp_min(1e-12) / qmax
-    return (x / scale).round().clamp(-qmax - 1, qmax) * scale
-
-
 def quantized_call(module: nn.Module, x: torch.Tensor, w_q: torch.Tensor, a_bits: int) -> torch.Tensor:
     """The layer evaluated with a (fake-)quantized weight ``w_q`` and ``a_bits`` input activations.
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..passes.quant import fake_quant_tokens, fake_quant_weight
 
 _RTN = re.compile(r"^w(\d+)a(\d+)-rtn$")
 SUPPORTED_BITS = (2, 3, 4, 6, 8, 16)
@@ -34,20 +35,12 @@ def parse_variant(name: str) -> tuple[int, int]:
 
 def quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     """Symmetric per-output-channel RTN of a [out, in] weight (dequantized back to float)."""
-    if bits >= 16:
-        return w
-    qmax = 2 ** (bits - 1) - 1
-    scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / qmax
-    return (w / scale).round().clamp(-qmax - 1, qmax) * scale
+    return fake_quant_weight(w, bits)
 
 
 def quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Symmetric per-token (last dimension) dynamic RTN of an activation (dequantized back)."""
-    if bits >= 16:
-        return x
-    qmax = 2 ** (bits - 1) - 1
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / qmax
-    return (x / scale).round().clamp(-qmax - 1, qmax) * scale
+    return fake_quant_tokens(x, bits)
 
 
 @contextlib.contextmanager

@@ -100,7 +100,7 @@ def main() -> None:
     opts = AnalysisOptions(hessian="weighted", precisions=precisions, hessian_tokens=args.hessian_tokens,
                            max_hessian_bytes=int(args.max_hessian_gib * 2 ** 30),
                            hessian_layers=r"^(transformer_blocks\.0|single_transformer_blocks\.0)\.")
-    ctx = AnalysisContext(calib, opts, fingerprint="gpu-bench")
+    ctx = AnalysisContext(calib, opts)
     table = ctx.layers(graph)
     plan = memory_plan(table, calib, opts)
 
@@ -129,7 +129,7 @@ def main() -> None:
                                     peak_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2))
         print(cls.__name__, passes[cls.__name__], flush=True)
     # the statistics pass once more without Hessians: what the replay and statistics cost alone
-    ctx2 = AnalysisContext(calib, dataclasses.replace(opts, hessian="none"), fingerprint="gpu-bench")
+    ctx2 = AnalysisContext(calib, dataclasses.replace(opts, hessian="none"))
     ctx2.results, ctx2.table, ctx2.modules = dict(ctx.results), ctx.table, ctx.modules
     sync()
     t0 = time.perf_counter()

@@ -1,0 +1,116 @@
+"""Reference quantization ops: the numerics every backend must reproduce.
+
+All ops are symmetric (zero point 0), exact in float32 on CPU and CUDA, and come in two forms:
+``quantize_*`` returns the integer (or FP8) codes and the scales, ``fake_quant_*`` returns the
+dequantized float tensor (what a simulation runs).
+
+* INT-k weights, k = 2..8: one scale per output channel (``group_size=None``) or per group of
+  ``group_size`` consecutive input channels; ``scale = absmax / qmax`` with ``qmax = 2^(k-1) - 1``
+  and codes clamped to ``[-qmax - 1, qmax]`` (the extra negative code is never produced by
+  rounding ``absmax/scale``, only by GPTQ's error feedback);
+* INT-k activations: dynamic per token (one scale per row of the last dimension) or static per
+  tensor with a scale from calibration;
+* FP8 E4M3 (``torch.float8_e4m3fn``, max 448): per-output-channel weight scales, per-token or
+  per-tensor activation scales.
+
+Bits of 16 or more mean "kept in floating point": every op is then the identity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def qmax(bits: int) -> int:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"integer quantization supports 2..8 bits, got {bits}")
+    return 2 ** (bits - 1) - 1
+
+
+def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """[O, K] -> [O, K/g, g] (or [O, 1, K] per channel)."""
+    flat = w.reshape(w.shape[0], -1)
+    if group_size is None:
+        return flat[:, None, :]
+    if flat.shape[1] % group_size:
+        raise ValueError(f"input size {flat.shape[1]} is not a multiple of the group size {group_size}")
+    return flat.reshape(flat.shape[0], -1, group_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+    """Integer codes ``[O, K]`` (int8 storage) and scales ``[O, K/g]`` (``[O, 1]`` per channel)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    bits: int
+    group_size: int | None
+    shape: tuple[int, ...]
+
+    def dequantize(self) -> torch.Tensor:
+        g = _grouped(self.codes.float(), self.group_size)
+        return (g * self.scales[:, :, None]).reshape(self.shape)
+
+
+def weight_scales(w: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
+    """Max-abs scales ``[O, K/g]`` of a weight."""
+    g = _grouped(w.float(), group_size)
+    return g.abs().amax(dim=2).clamp_min(1e-12) / qmax(bits)
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None,
+                    scales: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round-to-nearest INT-``bits`` codes of ``w`` (``scales`` default: max-abs)."""
+    s = weight_scales(w, bits, group_size) if scales is None else scales
+    q = qmax(bits)
+    g = _grouped(w.float(), group_size)
+    codes = torch.clamp(torch.round(g / s[:, :, None]), -q - 1, q).to(torch.int8)
+    return QuantizedWeight(codes.reshape(w.shape[0], -1), s, bits, group_size, tuple(w.shape))
+
+
+def fake_quant_weight(w: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
+    """Dequantized RTN weight (identity for bits >= 16)."""
+    if bits >= 16:
+        return w
+    return quantize_weight(w, bits, group_size).dequantize().to(w.dtype)
+
+
+def fake_quant_tokens(x: torch.Tensor, bits: int, dims: int | tuple[int, ...] = -1) -> torch.Tensor:
+    """Dynamic symmetric INT quantization with one scale per slice over ``dims`` (default: per
+    token, the last dimension), dequantized. Identity for bits >= 16."""
+    if bits >= 16:
+        return x
+    q = qmax(bits)
+    scale = x.abs().amax(dim=dims, keepdim=True).clamp_min(1e-12) / q
+    return (x / scale).round().clamp(-q - 1, q) * scale
+
+
+def fake_quant_static(x: torch.Tensor, bits: int, scale: float | torch.Tensor) -> torch.Tensor:
+    """Static per-tensor INT quantization with a calibrated ``scale`` (values beyond clip)."""
+    if bits >= 16:
+        return x
+    q = qmax(bits)
+    return (x / scale).round().clamp(-q - 1, q) * scale
+
+
+def fp8_e4m3(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """FP8 E4M3 round trip of ``x / scale`` (saturating at 448), dequantized."""
+    y = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX)
+    return (y.to(torch.float8_e4m3fn).float() * scale).to(x.dtype)
+
+
+def fake_quant_weight_fp8(w: torch.Tensor) -> torch.Tensor:
+    """FP8 E4M3 weight with one scale per output channel."""
+    flat = w.reshape(w.shape[0], -1).float()
+    scale = flat.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / FP8_MAX
+    return fp8_e4m3(flat, scale).reshape(w.shape).to(w.dtype)
+
+
+def fake_quant_tokens_fp8(x: torch.Tensor) -> torch.Tensor:
+    """FP8 E4M3 activation with one scale per token."""
+    scale = x.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / FP8_MAX
+    return fp8_e4m3(x, scale)

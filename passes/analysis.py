@@ -441,6 +441,7 @@ class AnalysisPass(Pass):
         return state
 
 
+PASS_NAMES = ("trajectory", "fisher", "stats", "sensitivity")
 _PRODUCER = {"trajectory": "CaptureTrajectory", "fisher": "TemporalFisher", "stats": "ActivationStatistics"}
 
 
@@ -968,12 +969,18 @@ def memory_plan(table: LayerTable, calib: CalibrationSet, options: AnalysisOptio
 
 def analyze(graph: Any, calib: CalibrationSet, options: AnalysisOptions | None = None,
             cache_dir: str | Path | None = None, progress: Progress | None = None,
-            checkpoint_every_s: float = 30.0, log: Callable[[str], None] | None = None) -> AnalysisResult:
+            checkpoint_every_s: float = 30.0, log: Callable[[str], None] | None = None,
+            passes: Sequence[str] = PASS_NAMES) -> AnalysisResult:
     """Run the four analysis passes on ``graph`` with ``calib`` and return everything they found.
 
     ``cache_dir``: the cache root (a folder per model fingerprint and calibration key is made in
-    it); None: no caching. ``log`` receives the memory plan before any work starts.
+    it); None: no caching. ``log`` receives the memory plan before any work starts. ``passes``
+    selects a prefix-closed subset of ``trajectory, fisher, stats, sensitivity`` (a weight
+    optimiser needs the first three only).
     """
+    unknown = [p for p in passes if p not in PASS_NAMES]
+    if unknown or not passes:
+        raise InputError(f"analysis: unknown passes {unknown} (choose from {', '.join(PASS_NAMES)})")
     from .infra import Pipeline
 
     options = options or AnalysisOptions()
@@ -994,7 +1001,8 @@ def analyze(graph: Any, calib: CalibrationSet, options: AnalysisOptions | None =
         log(f"memory plan: trajectory {mib(plan['trajectory'])}, statistics {mib(plan['stats'])}, Hessians "
             f"{mib(plan['hessians_total'])} in {plan['hessian_chunks']} chunk(s) of at most "
             f"{mib(plan['hessians_resident'])} (largest layer {mib(plan['largest_layer_hessians'])})")
-    Pipeline([CaptureTrajectory(ctx), TemporalFisher(ctx), ActivationStatistics(ctx),
-              ReconstructionSensitivity(ctx)], name="analysis")(graph)
+    chosen = [cls(ctx) for name, cls in zip(PASS_NAMES, (CaptureTrajectory, TemporalFisher, ActivationStatistics,
+                                                         ReconstructionSensitivity)) if name in passes]
+    Pipeline(chosen, name="analysis")(graph)
     return AnalysisResult(table, calib.describe(), options, ctx.results, ctx.timings, ctx.computed, plan,
                           peak_rss_bytes(), time.perf_counter() - t0)

@@ -120,7 +120,7 @@ def test_eval_end_to_end_and_deterministic(tmp_path):
 @pytest.mark.parametrize("cfg, needle", [
     (EvalConfig(n=0), "positive integer"),
     (EvalConfig(n=-3), "positive integer"),
-    (EvalConfig(variants=("w4a4-gptq",)), "unknown variant"),
+    (EvalConfig(variants=("w4a4-awq",)), "unknown variant"),
     (EvalConfig(n=4, classes=("hat",)), "unknown class 'hat'"),
     (EvalConfig(n=4, model="no-such-model"), "no-such-model"),
 ])

@@ -62,3 +62,37 @@ def test_weighted_hessian_fits_where_weighted():
     q_w = gptq(w, weighted, 3).dequantize()
     assert weighted_error(w, q_w, weighted) < weighted_error(w, q_u, weighted)
     assert weighted_error(w, q_u, uniform) < weighted_error(w, q_w, uniform)
+
+
+def test_fisher_weighted_gptq_on_analysis_hessians():
+    """On a tiny Flux analysed over 3 steps, both GPTQ variants fitted on the analysis Hessians
+    cut the H'-weighted error of RTN several-fold, and the eval variants' weights come out of the
+    same path. (Whether the Fisher-weighted H' beats the uniform H under H' itself is measured,
+    not asserted: here it does not, by 4% summed over layers; see docs.)"""
+    from adatsq.frontend.architectures import Resolution
+    from adatsq.frontend.export import export_model
+    from adatsq.frontend.schedule import default_schedule
+    from adatsq.passes.analysis import AnalysisOptions, analyze
+    from adatsq.passes.calibration import CalibrationSet
+    from adatsq.tools.baselines import fake_quantized, gptq_weights
+    from tests.test_analysis import _tiny_denoiser
+
+    den = _tiny_denoiser()
+    graph = export_model(den.transformer, Resolution(height=32, width=32, text_len=4, batch=2))
+    calib = CalibrationSet(den, [torch.tensor(0), torch.tensor(1)], (5, 6),
+                           default_schedule("FluxTransformer2DModel", 3, 2.0))
+    res = analyze(graph, calib, AnalysisOptions(), passes=("trajectory", "fisher", "stats"))
+    hess = res.results["hessians"]
+    layers = [p for p in res.table.names if p != "x_embedder.weight"]
+    q_u = gptq_weights(den.transformer, hess, 3, layers, fisher=False)
+    q_f = gptq_weights(den.transformer, hess, 3, layers, fisher=True)
+    mods = dict(den.transformer.named_modules())
+    w = {p: mods[p[:-7]].weight.data.float() for p in layers}
+    e_ff = sum(weighted_error(w[p], q_f[p], hess[p].mean(1)) for p in layers)
+    e_fu = sum(weighted_error(w[p], q_u[p], hess[p].mean(1)) for p in layers)
+    e_fr = sum(weighted_error(w[p], fake_quant_weight(w[p], 3), hess[p].mean(1)) for p in layers)
+    assert e_ff < e_fr / 4 and e_fu < e_fr / 4
+    before = {p: t.clone() for p, t in w.items()}
+    with fake_quantized(den.transformer, q_f, a_bits=8):
+        assert torch.equal(mods[layers[0][:-7]].weight.data, q_f[layers[0]])
+    assert all(torch.equal(mods[p[:-7]].weight.data, before[p]) for p in layers)

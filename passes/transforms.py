@@ -1,0 +1,145 @@
+"""Per-layer quantization transforms that a plan can turn on: smoothing, rotation, low rank.
+
+A quantized Linear ``y = x W^T + b`` is simulated as
+
+    x' = (x / s) @ R          (per-input-channel smoothing s, orthonormal rotation R)
+    y  = Q_a(x') @ Q_w(W')^T  +  (x' @ B^T) @ A^T  +  b,     W' = (W * s) @ R - A B
+
+which equals the float layer exactly when nothing is quantized (``x' W'^T = x W^T`` because
+``R R^T = I``). The three options, our re-implementations of the published methods:
+
+* **SmoothQuant-style migration** (Xiao et al.): ``s_j = max|x_j|^alpha / max|W_:j|^(1-alpha)``
+  moves activation outliers into the weights; ``alpha`` is searched per layer on the output error
+  of calibration activations (:func:`search_smoothing`). Deployed, ``1/s`` folds into the
+  producer of ``x`` (a norm or the previous linear); here it is applied explicitly.
+* **Hadamard rotation** (QuaRot-style, Ashkboos et al.): ``R`` is a block-diagonal Hadamard matrix
+  (Sylvester blocks of the largest power of two dividing ``K``, at most 256) that spreads outliers
+  across channels; the activation side is computed exactly (an online rotation in deployment).
+* **Low-rank branch** (SVDQuant-style, Li et al.): the top ``rank`` singular directions of the
+  (smoothed) weight stay in 16-bit as ``A B``; only the residual is quantized.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quant import fake_quant_tokens, fake_quant_weight
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerTransform:
+    """What replaces one Linear in simulation (see the module docstring)."""
+
+    weight: torch.Tensor  # Q_w(W') dequantized, [O, K]
+    a_bits: int
+    smooth: torch.Tensor | None = None  # s [K]
+    rotation: torch.Tensor | None = None  # R [K, K]
+    low_rank: tuple[torch.Tensor, torch.Tensor] | None = None  # (A [O, r], B [r, K])
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smooth is not None:
+            x = x / self.smooth
+        if self.rotation is not None:
+            x = x @ self.rotation
+        return x
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        xt = self.input(x)
+        y = F.linear(fake_quant_tokens(xt, self.a_bits), self.weight, bias)
+        if self.low_rank is not None:
+            a, b = self.low_rank
+            y = y + (xt @ b.T) @ a.T
+        return y
+
+
+def transformed_weight(w: torch.Tensor, smooth: torch.Tensor | None = None, rotation: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+    """``W' = (W * s) @ R`` (before the low-rank split)."""
+    if smooth is not None:
+        w = w * smooth[None, :]
+    if rotation is not None:
+        w = w @ rotation
+    return w
+
+
+# --------------------------------------------------------------------------- smoothing
+def smoothing_scales(act_absmax: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``s_j = max|x_j|^alpha / max|W_:j|^(1 - alpha)``, clamped away from 0."""
+    a = act_absmax.float().clamp_min(1e-5)
+    wm = w.float().abs().amax(0).clamp_min(1e-5)
+    return (a ** alpha / wm ** (1 - alpha)).clamp_min(1e-5)
+
+
+def search_smoothing(x: torch.Tensor, w: torch.Tensor, w_bits: int, a_bits: int,
+                     alphas: Sequence[float] = tuple(i / 10 for i in range(11)),
+                     act_absmax: torch.Tensor | None = None) -> tuple[float, torch.Tensor, float]:
+    """The ``alpha`` (and scales) minimising ``||Q_a(x/s) Q_w(W s)^T - x W^T||^2`` on calibration
+    rows ``x`` [N, K] with RTN weights; returns (alpha, s, relative error)."""
+    x, w = x.float(), w.float()
+    am = x.abs().amax(0) if act_absmax is None else act_absmax
+    ref = x @ w.T
+    best = (math.inf, 0.0, None)
+    for alpha in alphas:
+        s = smoothing_scales(am, w, alpha)
+        y = fake_quant_tokens(x / s, a_bits) @ fake_quant_weight(w * s, w_bits).T
+        err = float((y - ref).square().sum())
+        if err < best[0]:
+            best = (err, alpha, s)
+    return best[1], best[2], best[0] / max(float(ref.square().sum()), 1e-30)
+
+
+# --------------------------------------------------------------------------- rotation
+def hadamard(n: int) -> torch.Tensor:
+    """Orthonormal Sylvester-Hadamard matrix of size ``n`` (a power of two)."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Sylvester Hadamard needs a power of two, got {n}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(n)
+
+
+def block_hadamard(k: int, max_block: int = 256) -> torch.Tensor:
+    """Block-diagonal orthonormal Hadamard for ``k`` input channels: blocks of the largest power
+    of two dividing ``k`` (capped at ``max_block``)."""
+    b = 1
+    while k % (b * 2) == 0 and b * 2 <= max_block:
+        b *= 2
+    return torch.block_diag(*([hadamard(b)] * (k // b)))
+
+
+# --------------------------------------------------------------------------- low rank
+def low_rank_split(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``W = A B + residual`` with ``A B`` the best rank-``rank`` approximation (SVD)."""
+    u, sv, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    r = min(rank, sv.numel())
+    a = (u[:, :r] * sv[:r]).float()
+    b = vh[:r].float()
+    return a, b, (w.double() - a.double() @ b.double()).float()
+
+
+# --------------------------------------------------------------------------- simulation
+@contextlib.contextmanager
+def transformed_layers(transformer: nn.Module, transforms: Mapping[str, LayerTransform]) -> Iterator[None]:
+    """Within the context, every Linear named in ``transforms`` (weight parameter names) runs its
+    :class:`LayerTransform`; the modules are restored on exit."""
+    mods = dict(transformer.named_modules())
+    patched = []
+    try:
+        for param, tr in transforms.items():
+            m = mods[param[: -len(".weight")]]
+            if not isinstance(m, nn.Linear):
+                raise TypeError(f"{param}: only Linear layers take transforms, got {type(m).__name__}")
+            m.forward = lambda x, m=m, tr=tr: tr(x, m.bias)
+            patched.append(m)
+        yield
+    finally:
+        for m in patched:
+            del m.forward

@@ -1,0 +1,70 @@
+"""Smoothing, rotation and low-rank transforms: exact when unquantized, helpful when quantized."""
+
+import pytest
+import torch
+from torch import nn
+
+from adatsq.passes.quant import fake_quant_tokens, fake_quant_weight
+from adatsq.passes.transforms import (LayerTransform, block_hadamard, hadamard, low_rank_split, search_smoothing,
+                                      smoothing_scales, transformed_layers, transformed_weight)
+
+
+def _outlier_layer(seed=0, n=512, k=64, o=32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, k, generator=g)
+    x[:, :3] *= 30  # a few outlier channels, as in transformer activations
+    w = torch.randn(o, k, generator=g) / k ** 0.5
+    return x, w
+
+
+def test_float_equivalence_of_every_transform():
+    x, w = _outlier_layer()
+    s = smoothing_scales(x.abs().amax(0), w, 0.5)
+    r = block_hadamard(64)
+    a, b, res = low_rank_split(transformed_weight(w, s, r), 8)
+    tr = LayerTransform(weight=res, a_bits=16, smooth=s, rotation=r, low_rank=(a, b))
+    bias = torch.randn(32)
+    assert torch.allclose(tr(x, bias), x @ w.T + bias, atol=1e-3, rtol=1e-4)
+
+
+def test_hadamard_is_orthonormal():
+    for n in (1, 2, 8, 64):
+        h = hadamard(n)
+        assert torch.allclose(h @ h.T, torch.eye(n), atol=1e-6)
+    bh = block_hadamard(192)  # 192 = 3 x 64
+    assert bh.shape == (192, 192) and torch.allclose(bh @ bh.T, torch.eye(192), atol=1e-6)
+    with pytest.raises(ValueError, match="power of two"):
+        hadamard(12)
+
+
+def test_smoothing_and_rotation_reduce_w4a4_error():
+    x, w = _outlier_layer(1)
+    ref = x @ w.T
+    plain = (fake_quant_tokens(x, 4) @ fake_quant_weight(w, 4).T - ref).square().sum()
+    alpha, s, rel = search_smoothing(x, w, 4, 4)
+    smoothed = (fake_quant_tokens(x / s, 4) @ fake_quant_weight(w * s, 4).T - ref).square().sum()
+    assert 0 < alpha <= 1 and smoothed < plain / 2
+    assert rel == pytest.approx(float(smoothed / ref.square().sum()), rel=1e-4)
+    r = block_hadamard(64)
+    rotated = (fake_quant_tokens(x @ r, 4) @ fake_quant_weight(w @ r, 4).T - ref).square().sum()
+    assert rotated < plain / 2
+
+
+def test_low_rank_split_is_exact_and_optimal():
+    _, w = _outlier_layer(2)
+    a, b, res = low_rank_split(w, 4)
+    assert a.shape == (32, 4) and b.shape == (4, 64)
+    assert torch.allclose(a @ b + res, w, atol=1e-5)
+    sv = torch.linalg.svdvals(w)
+    assert float(res.square().sum()) == pytest.approx(float(sv[4:].square().sum()), rel=1e-4)
+
+
+def test_transformed_layers_patch_and_restore():
+    lin = nn.Linear(8, 4)
+    model = nn.Sequential(lin)
+    x = torch.randn(3, 8)
+    before = model(x)
+    tr = LayerTransform(weight=torch.zeros(4, 8), a_bits=16)
+    with transformed_layers(model, {"0.weight": tr}):
+        assert torch.allclose(model(x), lin.bias.expand(3, 4))
+    assert torch.equal(model(x), before) and "forward" not in lin.__dict__

@@ -33,8 +33,8 @@ import torch
 
 from ..errors import InputError
 from . import fmnist
-from .baselines import (fake_quantized, gptq_weights, parse_variant, reference_hessians, rtn_quantized,
-                        variant_method)
+from ..passes.transforms import transformed_layers
+from .baselines import method_transforms, parse_variant, reference_analysis, variant_method
 from .sysinfo import cpu_name
 
 MAX_SAMPLES = 100_000
@@ -116,20 +116,18 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | Non
     images: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
     rows: dict[str, dict[str, Any]] = {}
-    hessians = None
+    analysis = None
     for variant in dict.fromkeys(("fp",) + tuple(cfg.variants)):  # fp first: the fidelity reference
         w_bits, a_bits = (16, 16) if variant == "fp" else parse_variant(variant)
         t0 = time.perf_counter()
         if variant == "fp":
             ctx = contextlib.nullcontext()
-        elif variant_method(variant) == "rtn":
-            ctx = rtn_quantized(transformer, w_bits, a_bits, linear_layers)
-        else:  # GPTQ: Hessians from the analysis passes (cached), computed once per run
-            if hessians is None:
-                hessians = reference_hessians(cfg.model)
-            weights = gptq_weights(transformer, hessians, w_bits, linear_layers,
-                                   fisher=variant_method(variant) == "gptq-fisher") if w_bits < 16 else {}
-            ctx = fake_quantized(transformer, weights, a_bits)
+        else:  # methods other than RTN use the analysis passes (cached), computed once per run
+            method = variant_method(variant)
+            if method != "rtn" and analysis is None:
+                analysis = reference_analysis(cfg.model)
+            ctx = transformed_layers(transformer, method_transforms(
+                transformer, method, w_bits, a_bits, linear_layers, *(analysis or (None, None))))
         out = []
         with ctx:
             for start in range(0, cfg.n, cfg.batch):

@@ -68,3 +68,38 @@ def test_transformed_layers_patch_and_restore():
     with transformed_layers(model, {"0.weight": tr}):
         assert torch.allclose(model(x), lin.bias.expand(3, 4))
     assert torch.equal(model(x), before) and "forward" not in lin.__dict__
+
+
+def test_every_baseline_method_is_exact_at_16_bits_and_lossy_below():
+    """Each eval method's transforms on a tiny analysed Flux: at W16A16 the model output is
+    unchanged (smoothing, rotation and low rank are exact re-parametrisations); at W4A4 it is not,
+    and the outlier-handling methods beat RTN."""
+    from adatsq.frontend.architectures import Resolution
+    from adatsq.frontend.export import export_model
+    from adatsq.frontend.schedule import default_schedule
+    from adatsq.passes.analysis import AnalysisOptions, analyze
+    from adatsq.passes.calibration import CalibrationSet
+    from adatsq.tools.baselines import METHODS, method_transforms
+    from tests.test_analysis import _tiny_denoiser
+
+    den = _tiny_denoiser()
+    graph = export_model(den.transformer, Resolution(height=32, width=32, text_len=4, batch=2))
+    calib = CalibrationSet(den, [torch.tensor(0), torch.tensor(1)], (5, 6),
+                           default_schedule("FluxTransformer2DModel", 3, 2.0))
+    res = analyze(graph, calib, AnalysisOptions(), passes=("trajectory", "fisher", "stats"))
+    layers = [i.param for i in res.table if i.kind == "linear"]
+    x, sig, cond = calib.model_inputs(res.results["trajectory"][1], 1, [0, 1, 2, 3])
+    with torch.no_grad():
+        ref = den(x, sig, cond)
+        err4 = {}
+        for method in METHODS:
+            exact = method_transforms(den.transformer, method, 16, 16, layers, res, calib)
+            assert set(exact) == set(layers)
+            with transformed_layers(den.transformer, exact):
+                assert torch.allclose(den(x, sig, cond), ref, atol=2e-4), method
+            with transformed_layers(den.transformer, method_transforms(den.transformer, method, 4, 4, layers,
+                                                                       res, calib)):
+                err4[method] = float((den(x, sig, cond) - ref).square().mean())
+        assert torch.equal(den(x, sig, cond), ref)  # everything restored
+    assert all(e > 0 for e in err4.values())
+    assert err4["quarot"] < err4["rtn"] and err4["svdquant"] < err4["rtn"]

@@ -10,7 +10,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 TORCH_PIN     := torch==2.13.0
 DIFFUSERS_PIN := diffusers==0.42.1
 
-.PHONY: demo test bench clean data
+.PHONY: demo test bench clean data table
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -38,6 +38,14 @@ demo: $(VENV)/.installed data
 
 test: $(VENV)/.installed data
 	$(PY) -m pytest -q -n 2 -p no:cacheprovider
+
+# the uniform-baseline quality table on flux-fmnist (issue 5; peers not in yet): every method x bit-width
+TABLE_N ?= 256
+table: $(VENV)/.installed data
+	@mkdir -p $(OUT)
+	$(ADATSQ) eval $(MODEL) -n $(TABLE_N) --method rtn --method gptq --method gptq-fisher --method smoothquant \
+	  --method quarot --method svdquant --bits W8A8 --bits W4A8 --bits W4A4 --bits W3A3 \
+	  --json $(OUT)/quality_table.json --md $(OUT)/quality_table.md
 
 bench: $(VENV)/.installed
 	$(PY) tools/bench_export.py --out benchmarks/results/export_cpu_tiny.json

@@ -145,3 +145,10 @@ def test_analyze_errors(tmp_path):
     r = run_cli("inspect", "tiny-flux", "--analysis", str(bad))
     assert r.returncode == 2 and "not valid JSON" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_eval_method_and_bits_flags(tmp_path):
+    r = run_cli("eval", "--method", "gptq", "-n", "4")
+    assert r.returncode == 2 and "--method and --bits go together" in r.stderr
+    r = run_cli("eval", "--method", "awq", "--bits", "W4A4", "-n", "4")
+    assert r.returncode == 2 and "unknown variant 'w4a4-awq'" in r.stderr

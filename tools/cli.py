@@ -209,7 +209,16 @@ def cmd_eval(args) -> int:
     classes = None
     if args.classes and args.classes != "all":
         classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
-    cfg = EvalConfig(model=args.model, variants=tuple(args.variant or ("fp",)), n=args.n, classes=classes,
+    variants = list(args.variant or [])
+    if args.method or args.bits:
+        from ..errors import InputError
+
+        if not (args.method and args.bits):
+            raise InputError("eval: --method and --bits go together (e.g. --method gptq --bits W4A4)")
+        for method in args.method:
+            for bits in args.bits:
+                variants.append(f"{bits.lower()}-{method.lower()}")
+    cfg = EvalConfig(model=args.model, variants=tuple(variants or ("fp",)), n=args.n, classes=classes,
                      seed=args.seed, steps=args.steps, guidance=args.guidance, batch=args.batch)
     cfg.validate()  # before loading anything
     tasks = {}
@@ -466,7 +475,11 @@ def build_parser() -> argparse.ArgumentParser:
     pv = sub.add_parser("eval", help="generate with the FP model and variants; judge accuracy, FID, fidelity")
     pv.add_argument("model", nargs="?", default="flux-fmnist", help="a reference model (default flux-fmnist)")
     pv.add_argument("--variant", action="append", metavar="V",
-                    help="fp (always run) or w<W>a<A>-rtn (round-to-nearest baseline), repeatable")
+                    help="fp (always run) or w<W>a<A>-<method>, e.g. w4a8-rtn, w4a4-svdquant (repeatable)")
+    pv.add_argument("--method", action="append", metavar="M",
+                    help="with --bits: rtn, gptq, gptq-fisher, smoothquant, quarot, svdquant (repeatable)")
+    pv.add_argument("--bits", action="append", metavar="WxAy", help="with --method: W8A8, W4A8, W4A4, W3A3 ... "
+                    "(repeatable; every method x bits pair is run)")
     pv.add_argument("-n", type=int, default=512, help="number of samples (default 512)")
     pv.add_argument("--classes", default="all", help="comma-separated class names or ids (default: all)")
     pv.add_argument("--seed", type=int, default=0, help="sample i uses seed SEED+i")

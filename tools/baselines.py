@@ -9,6 +9,8 @@ quality a real low-bit kernel with these numerics would give. Methods:
 * ``gptq``: GPTQ weights (:mod:`adatsq.passes.gptq`) with the uniform Hessian ``sum_t X_t^T X_t``
   over the default calibration set's trajectory;
 * ``gptq-fisher``: GPTQ with AdaTSQ's Fisher-weighted Hessian ``sum_t alpha[t] X_t^T X_t``;
+* ``gptq-fisher-latent``: the same with ``alpha`` from the latent-weighted Fisher
+  ``I[t] dsigma_t^2`` (``--fisher-weighting latent`` of the analysis);
 * ``smoothquant``: our SmoothQuant-style re-implementation: per-channel smoothing with ``alpha``
   searched per layer on calibration activations (steps 0, S/2, S-1 of 4 calibration samples),
   RTN weights, per-token dynamic activations (the original uses static per-tensor ones);
@@ -34,7 +36,7 @@ from torch import nn
 from ..errors import InputError
 from ..passes.quant import fake_quant_tokens, fake_quant_weight
 
-METHODS = ("rtn", "gptq", "gptq-fisher", "smoothquant", "quarot", "svdquant")
+METHODS = ("rtn", "gptq", "gptq-fisher", "gptq-fisher-latent", "smoothquant", "quarot", "svdquant")
 _VARIANT = re.compile(r"^w(\d+)a(\d+)-(" + "|".join(re.escape(m) for m in METHODS) + r")$")
 SUPPORTED_BITS = (2, 3, 4, 6, 8, 16)
 
@@ -117,7 +119,7 @@ def gptq_weights(transformer: nn.Module, hessians: dict, w_bits: int, layers: li
     return out
 
 
-def reference_analysis(model: str, log=None):
+def reference_analysis(model: str, log=None, fisher_weighting: str = "loss"):
     """The analysis passes trajectory, Fisher and statistics (weighted Hessians) of a reference
     model on its default calibration set, cached under the default cache root: (result, calib)."""
     from ..frontend.export import export_model
@@ -129,7 +131,8 @@ def reference_analysis(model: str, log=None):
     ref = load_reference(model)
     graph = export_model(model)
     calib = reference_calibration(ref)
-    res = analyze(graph, calib, AnalysisOptions(hessian="weighted"), cache_dir=default_cache_root(),
+    res = analyze(graph, calib, AnalysisOptions(hessian="weighted", fisher_weighting=fisher_weighting),
+                  cache_dir=default_cache_root(),
                   passes=("trajectory", "fisher", "stats"), log=log)
     return res, calib
 
@@ -173,8 +176,8 @@ def method_transforms(transformer: nn.Module, method: str, w_bits: int, a_bits: 
         k = w.shape[1]
         if method == "rtn":
             out[p] = LayerTransform(fake_quant_weight(w, w_bits), a_bits)
-        elif method in ("gptq", "gptq-fisher"):
-            out[p] = LayerTransform(wq(w, hess[p].mean(1 if method == "gptq-fisher" else 0)), a_bits)
+        elif method in ("gptq", "gptq-fisher", "gptq-fisher-latent"):
+            out[p] = LayerTransform(wq(w, hess[p].mean(0 if method == "gptq" else 1)), a_bits)
         elif method == "smoothquant":
             _, sm, _ = search_smoothing(calib_rows(p), w, w_bits, a_bits)
             out[p] = LayerTransform(fake_quant_weight(transformed_weight(w, sm), w_bits), a_bits, smooth=sm)

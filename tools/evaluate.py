@@ -116,7 +116,7 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | Non
     images: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
     rows: dict[str, dict[str, Any]] = {}
-    analysis = None
+    analyses: dict = {}  # Fisher weighting -> (analysis result, calibration set)
     for variant in dict.fromkeys(("fp",) + tuple(cfg.variants)):  # fp first: the fidelity reference
         w_bits, a_bits = (16, 16) if variant == "fp" else parse_variant(variant)
         t0 = time.perf_counter()
@@ -124,10 +124,11 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | Non
             ctx = contextlib.nullcontext()
         else:  # methods other than RTN use the analysis passes (cached), computed once per run
             method = variant_method(variant)
-            if method != "rtn" and analysis is None:
-                analysis = reference_analysis(cfg.model)
+            weighting = "latent" if method == "gptq-fisher-latent" else "loss"
+            if method != "rtn" and weighting not in analyses:
+                analyses[weighting] = reference_analysis(cfg.model, fisher_weighting=weighting)
             ctx = transformed_layers(transformer, method_transforms(
-                transformer, method, w_bits, a_bits, linear_layers, *(analysis or (None, None))))
+                transformer, method, w_bits, a_bits, linear_layers, *analyses.get(weighting, (None, None))))
         out = []
         with ctx:
             for start in range(0, cfg.n, cfg.batch):

@@ -74,7 +74,8 @@ def test_fisher_weighted_gptq_on_analysis_hessians():
     from adatsq.frontend.schedule import default_schedule
     from adatsq.passes.analysis import AnalysisOptions, analyze
     from adatsq.passes.calibration import CalibrationSet
-    from adatsq.tools.baselines import fake_quantized, gptq_weights
+    from adatsq.passes.transforms import transformed_layers
+    from adatsq.tools.baselines import method_transforms
     from tests.test_analysis import _tiny_denoiser
 
     den = _tiny_denoiser()
@@ -84,8 +85,9 @@ def test_fisher_weighted_gptq_on_analysis_hessians():
     res = analyze(graph, calib, AnalysisOptions(), passes=("trajectory", "fisher", "stats"))
     hess = res.results["hessians"]
     layers = [p for p in res.table.names if p != "x_embedder.weight"]
-    q_u = gptq_weights(den.transformer, hess, 3, layers, fisher=False)
-    q_f = gptq_weights(den.transformer, hess, 3, layers, fisher=True)
+    t_f = method_transforms(den.transformer, "gptq-fisher", 3, 8, layers, res, calib)
+    q_u = {p: t.weight for p, t in method_transforms(den.transformer, "gptq", 3, 8, layers, res, calib).items()}
+    q_f = {p: t.weight for p, t in t_f.items()}
     mods = dict(den.transformer.named_modules())
     w = {p: mods[p[:-7]].weight.data.float() for p in layers}
     e_ff = sum(weighted_error(w[p], q_f[p], hess[p].mean(1)) for p in layers)
@@ -93,6 +95,9 @@ def test_fisher_weighted_gptq_on_analysis_hessians():
     e_fr = sum(weighted_error(w[p], fake_quant_weight(w[p], 3), hess[p].mean(1)) for p in layers)
     assert e_ff < e_fr / 4 and e_fu < e_fr / 4
     before = {p: t.clone() for p, t in w.items()}
-    with fake_quantized(den.transformer, q_f, a_bits=8):
-        assert torch.equal(mods[layers[0][:-7]].weight.data, q_f[layers[0]])
+    x = torch.randn(5, w[layers[0]].shape[1])
+    first = mods[layers[0][:-7]]
+    with transformed_layers(den.transformer, t_f):
+        assert torch.equal(first(x), t_f[layers[0]](x, first.bias))  # the layer runs the GPTQ weight
     assert all(torch.equal(mods[p[:-7]].weight.data, before[p]) for p in layers)
+    assert all("forward" not in mods[p[:-7]].__dict__ for p in layers)

@@ -74,23 +74,14 @@ def rtn_quantized(transformer: nn.Module, w_bits: int, a_bits: int, layers: list
     """Within the context, the Linear modules named in ``layers`` (weight parameter names) run with
     RTN-quantized weights and inputs; the original weights are restored on exit."""
     modules = dict(transformer.named_modules())
-    weights = {p: quantize_weight(modules[p[:-len(".weight")]].weight.data.float(), w_bits)
-               for p in layers if isinstance(modules.get(p[:-len(".weight")]), nn.Linear)}
-    with fake_quantized(transformer, weights, a_bits):
-        yield
-
-
-@contextlib.contextmanager
-def fake_quantized(transformer: nn.Module, weights: dict[str, torch.Tensor], a_bits: int) -> Iterator[None]:
-    """Within the context, each Linear named in ``weights`` (weight parameter names) runs with that
-    (dequantized) weight and ``a_bits`` per-token inputs; the original weights come back on exit."""
-    modules = dict(transformer.named_modules())
     saved, hooks = {}, []
     try:
-        for param, w in weights.items():
-            mod = modules[param[: -len(".weight")]]
+        for param in layers:
+            mod = modules.get(param[: -len(".weight")])
+            if not isinstance(mod, nn.Linear):
+                continue
             saved[param] = mod.weight.data
-            mod.weight.data = w.to(mod.weight.dtype)
+            mod.weight.data = quantize_weight(mod.weight.data.float(), w_bits).to(mod.weight.dtype)
             if a_bits < 16:
                 hooks.append(mod.register_forward_pre_hook(
                     lambda _m, args, b=a_bits: (quantize_activation(args[0], b), *args[1:])))
@@ -100,23 +91,6 @@ def fake_quantized(transformer: nn.Module, weights: dict[str, torch.Tensor], a_b
             h.remove()
         for param, data in saved.items():
             modules[param[: -len(".weight")]].weight.data = data
-
-
-def gptq_weights(transformer: nn.Module, hessians: dict, w_bits: int, layers: list[str], fisher: bool,
-                 options=None) -> dict[str, torch.Tensor]:
-    """GPTQ-quantized (dequantized) weights of ``layers`` from the analysis Hessians (``weighted``
-    mode: slot 0 uniform, slot 1 Fisher-weighted)."""
-    from ..passes.gptq import GPTQOptions, gptq
-
-    modules = dict(transformer.named_modules())
-    out = {}
-    for p in layers:
-        mod = modules[p[: -len(".weight")]]
-        if not isinstance(mod, nn.Linear):
-            continue
-        h = hessians[p].mean(1 if fisher else 0)
-        out[p] = gptq(mod.weight.data.float(), h, w_bits, options=options or GPTQOptions()).dequantize()
-    return out
 
 
 def reference_analysis(model: str, log=None, fisher_weighting: str = "loss"):

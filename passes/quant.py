@@ -85,8 +85,12 @@ def fake_quant_tokens(x: torch.Tensor, bits: int, dims: int | tuple[int, ...] = 
     if bits >= 16:
         return x
     q = qmax(bits)
-    scale = x.abs().amax(dim=dims, keepdim=True).clamp_min(1e-12) / q
-    return (x / scale).round().clamp(-q - 1, q) * scale
+    if x.requires_grad:
+        scale = x.abs().amax(dim=dims, keepdim=True).clamp_min(1e-12) / q
+        return (x / scale).round().clamp(-q - 1, q) * scale
+    # the same numbers with fewer full-size temporaries (max |x| without an |x| copy, in place)
+    scale = torch.linalg.vector_norm(x, float("inf"), dim=dims, keepdim=True).clamp_min_(1e-12).div_(q)
+    return (x / scale).round_().clamp_(-q - 1, q).mul_(scale)
 
 
 def fake_quant_static(x: torch.Tensor, bits: int, scale: float | torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from .quant import fake_quant_tokens, fake_quant_weight
 
 
@@ -88,11 +89,35 @@ def search_smoothing(x: torch.Tensor, w: torch.Tensor, w_bits: int, a_bits: int,
     best = (math.inf, 0.0, None)
     for alpha in alphas:
         s = smoothing_scales(am, w, alpha)
-        y = fake_quant_tokens(x / s, a_bits) @ fake_quant_weight(w * s, w_bits).T
-        err = float((y - ref).square().sum())
+        err = _smoothed_error(x, w, s, w_bits, a_bits, ref)
         if err < best[0]:
             best = (err, alpha, s)
     return best[1], best[2], best[0] / max(float(ref.square().sum()), 1e-30)
+
+
+def _smoothed_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, w_bits: int, a_bits: int,
+                    ref: torch.Tensor) -> float:
+    y = fake_quant_tokens(x / s, a_bits) @ fake_quant_weight(w * s, w_bits).T
+    return float((y - ref).square().sum())
+
+
+def search_stepwise_smoothing(xs: Sequence[torch.Tensor], act_absmax: Sequence[torch.Tensor], w: torch.Tensor,
+                              w_bits: int, a_bits: int,
+                              alphas: Sequence[float] = tuple(i / 10 for i in range(11))) -> tuple[float, float]:
+    """Timestep-aware smoothing: one ``alpha`` for a layer, scales per step from that step's
+    activation range. ``xs[i]`` are calibration rows of a step whose channel absmax is
+    ``act_absmax[i]``; returns the ``alpha`` minimising the summed output error of those steps
+    (RTN weights requantized per step) and its relative error."""
+    w = w.float()
+    pairs = [(x.float(), am) for x, am in zip(xs, act_absmax)]
+    refs = [x @ w.T for x, _ in pairs]
+    best = (math.inf, 0.0)
+    for alpha in alphas:
+        err = sum(_smoothed_error(x, w, smoothing_scales(am, w, alpha), w_bits, a_bits, ref)
+                  for (x, am), ref in zip(pairs, refs))
+        if err < best[0]:
+            best = (err, alpha)
+    return best[1], best[0] / max(sum(float(r.square().sum()) for r in refs), 1e-30)
 
 
 # --------------------------------------------------------------------------- rotation
@@ -126,10 +151,31 @@ def low_rank_split(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tens
 
 
 # --------------------------------------------------------------------------- simulation
+class StepClock:
+    """The denoising step that time-dependent transforms are at.
+
+    Sampling advances it: pass :meth:`on_step` as (or call it from) the sampler's ``on_step``
+    callback, which runs after step ``k``'s model call, and :meth:`reset` before each new batch.
+    """
+
+    def __init__(self, num_steps: int):
+        self.num_steps = int(num_steps)
+        self.step = 0
+
+    def reset(self) -> None:
+        self.step = 0
+
+    def on_step(self, k: int, *_args) -> None:
+        self.step = k + 1
+
+
 @contextlib.contextmanager
-def transformed_layers(transformer: nn.Module, transforms: Mapping[str, LayerTransform]) -> Iterator[None]:
+def transformed_layers(transformer: nn.Module, transforms: Mapping[str, "LayerTransform | Sequence[LayerTransform]"],
+                       clock: StepClock | None = None) -> Iterator[None]:
     """Within the context, every Linear named in ``transforms`` (weight parameter names) runs its
-    :class:`LayerTransform`; the modules are restored on exit."""
+    :class:`LayerTransform`; the modules are restored on exit. A per-step sequence of transforms
+    (timestep-dependent weights, smoothing or precisions) needs ``clock``, which says which
+    element the next call uses."""
     mods = dict(transformer.named_modules())
     patched = []
     try:
@@ -137,7 +183,15 @@ def transformed_layers(transformer: nn.Module, transforms: Mapping[str, LayerTra
             m = mods[param[: -len(".weight")]]
             if not isinstance(m, nn.Linear):
                 raise TypeError(f"{param}: only Linear layers take transforms, got {type(m).__name__}")
-            m.forward = lambda x, m=m, tr=tr: tr(x, m.bias)
+            if isinstance(tr, LayerTransform):
+                m.forward = lambda x, m=m, tr=tr: tr(x, m.bias)
+            else:
+                if clock is None:
+                    raise InputError(f"{param}: per-step transforms need a StepClock")
+                if len(tr) != clock.num_steps:
+                    raise InputError(f"{param}: {len(tr)} per-step transforms for a {clock.num_steps}-step schedule "
+                                     "(calibrated on a different schedule)")
+                m.forward = lambda x, m=m, tr=tuple(tr): tr[clock.step](x, m.bias)
             patched.append(m)
         yield
     finally:

@@ -6,7 +6,8 @@ from torch import nn
 
 from adatsq.passes.quant import fake_quant_tokens, fake_quant_weight
 from adatsq.passes.transforms import (LayerTransform, block_hadamard, hadamard, low_rank_split, search_smoothing,
-                                      smoothing_scales, transformed_layers, transformed_weight)
+                                      smoothing_scales, StepClock, transformed_layers,
+                                      transformed_weight)
 
 
 def _outlier_layer(seed=0, n=512, k=64, o=32):
@@ -89,17 +90,84 @@ def test_every_baseline_method_is_exact_at_16_bits_and_lossy_below():
     res = analyze(graph, calib, AnalysisOptions(), passes=("trajectory", "fisher", "stats"))
     layers = [i.param for i in res.table if i.kind == "linear"]
     x, sig, cond = calib.model_inputs(res.results["trajectory"][1], 1, [0, 1, 2, 3])
+    clock = StepClock(calib.num_steps)
+    clock.on_step(0)  # the inputs are step 1's
     with torch.no_grad():
         ref = den(x, sig, cond)
         err4 = {}
         for method in METHODS:
             exact = method_transforms(den.transformer, method, 16, 16, layers, res, calib)
             assert set(exact) == set(layers)
-            with transformed_layers(den.transformer, exact):
+            with transformed_layers(den.transformer, exact, clock):
                 assert torch.allclose(den(x, sig, cond), ref, atol=2e-4), method
             with transformed_layers(den.transformer, method_transforms(den.transformer, method, 4, 4, layers,
-                                                                       res, calib)):
+                                                                       res, calib), clock):
                 err4[method] = float((den(x, sig, cond) - ref).square().mean())
         assert torch.equal(den(x, sig, cond), ref)  # everything restored
     assert all(e > 0 for e in err4.values())
     assert err4["quarot"] < err4["rtn"] and err4["svdquant"] < err4["rtn"]
+
+
+def test_per_step_transforms_follow_the_clock():
+    from adatsq.errors import InputError
+
+    lin = nn.Linear(8, 4)
+    x = torch.randn(3, 8)
+    ws = [torch.randn(4, 8) for _ in range(3)]
+    per_step = [LayerTransform(w, 16) for w in ws]
+    clock = StepClock(3)
+    with torch.no_grad(), transformed_layers(lin, {"weight": per_step}, clock):
+        for k in range(3):
+            assert torch.allclose(lin(x), x @ ws[k].T + lin.bias)
+            clock.on_step(k)
+        clock.reset()
+        assert torch.allclose(lin(x), x @ ws[0].T + lin.bias)
+    assert "forward" not in vars(lin)
+    with pytest.raises(InputError, match="StepClock"):
+        with transformed_layers(lin, {"weight": per_step}):
+            pass
+    with pytest.raises(InputError, match="3 per-step transforms for a 5-step schedule"):
+        with transformed_layers(lin, {"weight": per_step}, StepClock(5)):
+            pass
+    assert "forward" not in vars(lin)
+
+
+def test_stepwise_smoothing_beats_one_static_smoothing_when_outliers_move():
+    from adatsq.passes.transforms import _smoothed_error, search_stepwise_smoothing
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 64, generator=g)
+    xs = []
+    for step in range(2):  # the outlier channels differ from step to step
+        x = torch.randn(256, 64, generator=g)
+        x[:, step * 8:(step + 1) * 8] *= 40
+        xs.append(x)
+    ams = [x.abs().amax(0) for x in xs]
+    alpha, rel = search_stepwise_smoothing(xs, ams, w, 4, 4)
+    assert 0 <= alpha <= 1 and rel > 0
+    stepwise = sum(_smoothed_error(x, w, smoothing_scales(am, w, alpha), 4, 4, x @ w.T) for x, am in zip(xs, ams))
+    static_am = torch.stack(ams).amax(0)
+    static = min(sum(_smoothed_error(x, w, smoothing_scales(static_am, w, a / 10), 4, 4, x @ w.T) for x in xs)
+                 for a in range(11))
+    assert stepwise < static
+
+
+def test_qdit_group_allocation_respects_the_scale_budget():
+    from adatsq.tools.baselines import qdit_group_sizes
+
+    g = torch.Generator().manual_seed(0)
+    ws, hs = {}, {}
+    for i, k in enumerate((512, 256, 384)):
+        w = torch.randn(16, k, generator=g)
+        x = torch.randn(512, k, generator=g)
+        if i == 1:  # a block of tiny weights on large inputs: rounded to 0 unless a group isolates it
+            w[:, :32] *= 0.05
+            x[:, :32] *= 20
+        ws[f"l{i}.weight"], hs[f"l{i}.weight"] = w, x.T @ x
+    cost = lambda gs: sum(ws[p].shape[0] * (1 if gs[p] is None else ws[p].shape[1] // gs[p]) for p in ws)
+    budget64 = sum(w.shape[0] * (w.shape[1] // 64) for w in ws.values())
+    gs = qdit_group_sizes(ws, hs, 4)
+    assert cost(gs) <= budget64 and set(gs.values()) - {None, 128, 64, 32} == set()
+    assert gs["l1.weight"] == 32
+    assert set(qdit_group_sizes(ws, hs, 4, budget_group=10 ** 6).values()) == {None}  # no budget: per channel
+    assert set(qdit_group_sizes(ws, hs, 4, budget_group=32).values()) == {32}  # everything affordable

@@ -33,8 +33,8 @@ import torch
 
 from ..errors import InputError
 from . import fmnist
-from ..passes.transforms import transformed_layers
-from .baselines import method_transforms, parse_variant, reference_analysis, variant_method
+from ..passes.transforms import StepClock, transformed_layers
+from .baselines import MethodCache, method_transforms, parse_variant, reference_analysis, variant_method
 from .sysinfo import cpu_name
 
 MAX_SAMPLES = 100_000
@@ -117,27 +117,37 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | Non
     seconds: dict[str, float] = {}
     rows: dict[str, dict[str, Any]] = {}
     analyses: dict = {}  # Fisher weighting -> (analysis result, calibration set)
+    method_cache = MethodCache()  # calibration rows and smoothing searches shared by the variants
+    clock = StepClock(schedule.num_steps)  # the step of per-step (timestep-aware) transforms
     for variant in dict.fromkeys(("fp",) + tuple(cfg.variants)):  # fp first: the fidelity reference
         w_bits, a_bits = (16, 16) if variant == "fp" else parse_variant(variant)
         t0 = time.perf_counter()
         if variant == "fp":
             ctx = contextlib.nullcontext()
+        elif variant_method(variant) == "peer":  # a third-party quantizer on a copy of the model
+            from ..passes.calibration import reference_calibration
+            from .peers import peer_quantized
+
+            ctx = peer_quantized(ref, variant, reference_calibration(ref))
         else:  # methods other than RTN use the analysis passes (cached), computed once per run
             method = variant_method(variant)
             weighting = "latent" if method == "gptq-fisher-latent" else "loss"
             if method != "rtn" and weighting not in analyses:
                 analyses[weighting] = reference_analysis(cfg.model, fisher_weighting=weighting)
             ctx = transformed_layers(transformer, method_transforms(
-                transformer, method, w_bits, a_bits, linear_layers, *analyses.get(weighting, (None, None))))
+                transformer, method, w_bits, a_bits, linear_layers, *analyses.get(weighting, (None, None)),
+                cache=method_cache), clock)
         out = []
         with ctx:
             for start in range(0, cfg.n, cfg.batch):
                 sl = slice(start, min(cfg.n, start + cfg.batch))
                 def step_cb(k, x, v, _start=start):
+                    clock.on_step(k)
                     if on_progress is not None:
                         on_progress(variant, _start * schedule.num_steps + (k + 1) * (sl.stop - sl.start),
                                     cfg.n * schedule.num_steps)
 
+                clock.reset()
                 tr = sample(ref.denoiser, torch.from_numpy(labels[sl]), seeds[sl], schedule, record=False,
                             on_step=step_cb)
                 out.append(fmnist.from_model_space(tr.sample.numpy()))

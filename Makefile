@@ -39,13 +39,12 @@ demo: $(VENV)/.installed data
 test: $(VENV)/.installed data
 	$(PY) -m pytest -q -n 2 -p no:cacheprovider
 
-# the uniform-baseline quality table on flux-fmnist (issue 5; peers not in yet): every method x bit-width
-TABLE_N ?= 256
+# the quality table of issue 5: every uniform baseline x W8A8/W4A8/W4A4/W3A3 and every peer on flux-fmnist
+# (peers need `pip install -e '.[peers]'`; one that cannot run is recorded with its error)
+TABLE_N ?= 128
 table: $(VENV)/.installed data
 	@mkdir -p $(OUT)
-	$(ADATSQ) eval $(MODEL) -n $(TABLE_N) --method rtn --method gptq --method gptq-fisher --method smoothquant \
-	  --method quarot --method svdquant --bits W8A8 --bits W4A8 --bits W4A4 --bits W3A3 \
-	  --json $(OUT)/quality_table.json --md $(OUT)/quality_table.md
+	$(PY) -m adatsq.tools.quality_table -n $(TABLE_N) --out $(OUT)/quality_table
 
 bench: $(VENV)/.installed
 	$(PY) tools/bench_export.py --out benchmarks/results/export_cpu_tiny.json

@@ -201,10 +201,25 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
+def run_eval(cfg):
+    """:func:`~adatsq.tools.evaluate.evaluate` with a progress bar per variant."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from ..tools.evaluate import EvalConfig, evaluate, grid_png, markdown, save_json
+    from ..tools.evaluate import evaluate
+
+    tasks = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} "
+                  "sample-steps"), TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
+        def on_progress(variant, done, total):
+            if variant not in tasks:
+                tasks[variant] = progress.add_task(f"sampling {variant}", total=total)
+            progress.update(tasks[variant], completed=done)
+
+        return evaluate(cfg, on_progress)
+
+
+def cmd_eval(args) -> int:
+    from ..tools.evaluate import EvalConfig, grid_png, markdown, save_json
 
     classes = None
     if args.classes and args.classes != "all":
@@ -219,17 +234,10 @@ def cmd_eval(args) -> int:
             for bits in args.bits:
                 variants.append(f"{bits.lower()}-{method.lower()}")
     cfg = EvalConfig(model=args.model, variants=tuple(variants or ("fp",)), n=args.n, classes=classes,
-                     seed=args.seed, steps=args.steps, guidance=args.guidance, batch=args.batch)
+                     seed=args.seed, steps=args.steps, guidance=args.guidance, batch=args.batch,
+                     keep_going=args.keep_going)
     cfg.validate()  # before loading anything
-    tasks = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} "
-                  "sample-steps"), TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
-        def on_progress(variant, done, total):
-            if variant not in tasks:
-                tasks[variant] = progress.add_task(f"sampling {variant}", total=total)
-            progress.update(tasks[variant], completed=done)
-
-        result, images, seconds = evaluate(cfg, on_progress)
+    result, images, seconds = run_eval(cfg)
     md = markdown(result, seconds)
     console.print(md)
     if args.json:
@@ -475,9 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
     pv = sub.add_parser("eval", help="generate with the FP model and variants; judge accuracy, FID, fidelity")
     pv.add_argument("model", nargs="?", default="flux-fmnist", help="a reference model (default flux-fmnist)")
     pv.add_argument("--variant", action="append", metavar="V",
-                    help="fp (always run) or w<W>a<A>-<method>, e.g. w4a8-rtn, w4a4-svdquant (repeatable)")
+                    help="fp (always run), w<W>a<A>-<method> (e.g. w4a8-rtn, w4a4-svdquant) or a peer "
+                    "(modelopt-int8-sq, modelopt-int4-awq, modelopt-w4a8-awq, torchao-int8-dyn, torchao-int4-wo; "
+                    "pip install 'adatsq[peers]') (repeatable)")
     pv.add_argument("--method", action="append", metavar="M",
-                    help="with --bits: rtn, gptq, gptq-fisher, smoothquant, quarot, svdquant (repeatable)")
+                    help="with --bits: rtn, gptq, gptq-fisher, gptq-fisher-latent, smoothquant, quarot, svdquant, "
+                    "qdit, viditq (repeatable)")
     pv.add_argument("--bits", action="append", metavar="WxAy", help="with --method: W8A8, W4A8, W4A4, W3A3 ... "
                     "(repeatable; every method x bits pair is run)")
     pv.add_argument("-n", type=int, default=512, help="number of samples (default 512)")
@@ -489,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--json", metavar="FILE")
     pv.add_argument("--md", metavar="FILE", help="write the Markdown table")
     pv.add_argument("--grid", metavar="FILE.png", help="write a PNG grid: FP row vs variant rows, same seeds")
+    pv.add_argument("--keep-going", action="store_true",
+                    help="record a variant that cannot run (e.g. a peer not installed) and go on")
     pv.set_defaults(func=cmd_eval)
 
     pa = sub.add_parser("analyze", help="analysis passes on the FP trajectory: Fisher, statistics, Hessians, "

@@ -50,6 +50,7 @@ class EvalConfig:
     steps: int | None = None  # None: the model's schedule
     guidance: float | None = None  # None: the model's schedule
     batch: int = 64
+    keep_going: bool = False  # a variant that fails with an InputError is recorded, not fatal
 
     def validate(self) -> None:
         if not isinstance(self.n, int) or self.n <= 0:
@@ -119,9 +120,7 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | Non
     analyses: dict = {}  # Fisher weighting -> (analysis result, calibration set)
     method_cache = MethodCache()  # calibration rows and smoothing searches shared by the variants
     clock = StepClock(schedule.num_steps)  # the step of per-step (timestep-aware) transforms
-    for variant in dict.fromkeys(("fp",) + tuple(cfg.variants)):  # fp first: the fidelity reference
-        w_bits, a_bits = (16, 16) if variant == "fp" else parse_variant(variant)
-        t0 = time.perf_counter()
+    def generate(variant: str, w_bits: int, a_bits: int) -> np.ndarray:
         if variant == "fp":
             ctx = contextlib.nullcontext()
         elif variant_method(variant) == "peer":  # a third-party quantizer on a copy of the model
@@ -141,6 +140,7 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | Non
         with ctx:
             for start in range(0, cfg.n, cfg.batch):
                 sl = slice(start, min(cfg.n, start + cfg.batch))
+
                 def step_cb(k, x, v, _start=start):
                     clock.on_step(k)
                     if on_progress is not None:
@@ -151,7 +151,18 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | Non
                 tr = sample(ref.denoiser, torch.from_numpy(labels[sl]), seeds[sl], schedule, record=False,
                             on_step=step_cb)
                 out.append(fmnist.from_model_space(tr.sample.numpy()))
-        images[variant] = np.concatenate(out)
+        return np.concatenate(out)
+
+    for variant in dict.fromkeys(("fp",) + tuple(cfg.variants)):  # fp first: the fidelity reference
+        w_bits, a_bits = (16, 16) if variant == "fp" else parse_variant(variant)
+        t0 = time.perf_counter()
+        try:
+            images[variant] = generate(variant, w_bits, a_bits)
+        except InputError as exc:  # e.g. a peer whose package is missing: recorded with keep_going
+            if not cfg.keep_going or variant == "fp":
+                raise
+            rows[variant] = dict(w_bits=float(w_bits), a_bits=float(a_bits), error=str(exc))
+            continue
         seconds[variant] = time.perf_counter() - t0
         feats = judge.features(images[variant])
         pred = judge.predict(images[variant])
@@ -197,6 +208,10 @@ def markdown(result: dict[str, Any], seconds: dict[str, float] | None = None) ->
              "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if seconds else "")]
     fmt = lambda v, f: "—" if v is None else format(v, f)
     for name, r in result["variants"].items():
+        if "error" in r:
+            lines.append(f"| {name} | {r['w_bits']:.2f} | {r['a_bits']:.2f} | did not run: "
+                         f"{r['error'].splitlines()[0][:200]} | | | | |" + (" |" if seconds else ""))
+            continue
         lines.append(f"| {name} | {r['w_bits']:.2f} | {r['a_bits']:.2f} | {r['judge_accuracy']:.3f} | {r['fid']:.2f} | "
                      f"{fmt(r['psnr_vs_fp'], '.2f')} | {fmt(r['ssim_vs_fp'], '.4f')} | "
                      f"{fmt(r['feature_distance_vs_fp'], '.4f')} |" + (f" {seconds[name]:.0f} s |" if seconds else ""))

@@ -118,3 +118,28 @@ def fake_quant_tokens_fp8(x: torch.Tensor) -> torch.Tensor:
     """FP8 E4M3 activation with one scale per token."""
     scale = x.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / FP8_MAX
     return fp8_e4m3(x, scale)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """INT4 codes (values -8..7, any integer dtype) -> uint8, two per byte, the first element of
+    each pair in the low nibble (ONNX's INT4 layout); an odd count is padded with one zero."""
+    flat = codes.reshape(-1).to(torch.int16)
+    if flat.numel() and (int(flat.min()) < -8 or int(flat.max()) > 7):
+        raise ValueError("pack_int4: codes outside -8..7")
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    nib = (flat & 0xF).to(torch.uint8)
+    return nib[0::2] | (nib[1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: int8 codes of ``shape``."""
+    p = packed.reshape(-1).to(torch.int16)
+    nib = torch.stack([p & 0xF, (p >> 4) & 0xF], dim=1).reshape(-1)
+    vals = torch.where(nib >= 8, nib - 16, nib).to(torch.int8)
+    n = 1
+    for d in shape:
+        n *= d
+    if vals.numel() < n:
+        raise ValueError(f"unpack_int4: {packed.numel()} bytes cannot hold {n} codes")
+    return vals[:n].reshape(shape)

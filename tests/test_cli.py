@@ -152,3 +152,14 @@ def test_eval_method_and_bits_flags(tmp_path):
     assert r.returncode == 2 and "--method and --bits go together" in r.stderr
     r = run_cli("eval", "--method", "awq", "--bits", "W4A4", "-n", "4")
     assert r.returncode == 2 and "unknown variant 'w4a4-awq'" in r.stderr
+
+
+def test_quantize_errors(tmp_path):
+    out = tmp_path / "w.safetensors"
+    for args, msg in ((("--bits", "16"), "integer weight width 2..8"), (("--bits", "4", "--group", "0"), "positive"),
+                      (("--bits", "4", "--damp", "0"), "damping"), (("--bits", "4", "--layers", "("), "regular expression")):
+        r = run_cli("quantize", "flux-fmnist", "-o", str(out), *args)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    r = run_cli("quantize", "tiny-flux", "-o", str(out), "--bits", "4")
+    assert r.returncode == 2 and "not a reference model" in r.stderr
+    assert not out.exists()

@@ -122,6 +122,12 @@ def rtn_quantized(transformer: nn.Module, w_bits: int, a_bits: int, layers: list
 def reference_analysis(model: str, log=None, fisher_weighting: str = "loss"):
     """The analysis passes trajectory, Fisher and statistics (weighted Hessians) of a reference
     model on its default calibration set, cached under the default cache root: (result, calib)."""
+    return annotated_reference_graph(model, log, fisher_weighting)[1:]
+
+
+def annotated_reference_graph(model: str, log=None, fisher_weighting: str = "loss", cache_dir=None):
+    """As :func:`reference_analysis`, also returning the exported graph the passes annotated:
+    (graph, result, calib)."""
     from ..frontend.export import export_model
     from ..frontend.reference import load_reference
     from ..passes.analysis import AnalysisOptions, analyze
@@ -132,9 +138,9 @@ def reference_analysis(model: str, log=None, fisher_weighting: str = "loss"):
     graph = export_model(model)
     calib = reference_calibration(ref)
     res = analyze(graph, calib, AnalysisOptions(hessian="weighted", fisher_weighting=fisher_weighting),
-                  cache_dir=default_cache_root(),
+                  cache_dir=cache_dir or default_cache_root(),
                   passes=("trajectory", "fisher", "stats"), log=log)
-    return res, calib
+    return graph, res, calib
 
 
 def reference_hessians(model: str, log=None) -> dict:

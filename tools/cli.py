@@ -5,6 +5,7 @@
     adatsq plan    MODEL -o PLAN.json [--precision P] a uniform precision plan (search: later release)
     adatsq eval    [MODEL] [--variant V] [-n N]       generate, judge, compare (flux-fmnist)
     adatsq analyze [MODEL] -o DIR                     trajectory, Fisher, statistics/Hessians, sensitivity
+    adatsq quantize [MODEL] -o W.safetensors --bits 4 GPTQ weight copies (Fisher-weighted Hessian), streamed
     adatsq inspect MODEL --analysis DIR               show an analysis: tables and heatmaps
     adatsq models                                     the builtin models
 
@@ -257,6 +258,91 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    import dataclasses
+    import json
+    import re
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..errors import InputError
+    from ..frontend.loading import REFERENCE_RESOLUTIONS
+    from ..frontend.reference import load_reference
+    from ..passes.analysis import layer_nodes
+    from ..passes.gptq import GPTQOptions
+    from ..passes.weights import GPTQWeights
+    from .baselines import annotated_reference_graph
+    from .io import atomic_write_text
+
+    bits = []
+    for b in args.bits:
+        m = re.fullmatch(r"[wW]?(\d)", b.strip())
+        if not m or not 2 <= int(m.group(1)) <= 8:
+            raise InputError(f"quantize: --bits takes an integer weight width 2..8 (e.g. 4 or W4), got {b!r}")
+        bits.append(int(m.group(1)))
+    if args.group is not None and args.group <= 0:
+        raise InputError(f"quantize: --group must be positive, got {args.group}")
+    opts = GPTQOptions(damp=args.damp, block_size=args.block_size, act_order=not args.no_act_order)
+    try:
+        opts.validate()
+    except ValueError as exc:
+        raise InputError(f"quantize: {exc}") from None
+    if args.model not in REFERENCE_RESOLUTIONS:
+        raise InputError(f"quantize: {args.model!r} is not a reference model ({', '.join(REFERENCE_RESOLUTIONS)}); "
+                         f"for your own model run adatsq.passes.weights.GPTQWeights on your analysed graph (README)")
+    try:
+        pat = re.compile(args.layers) if args.layers else None
+    except re.error as exc:
+        raise InputError(f"quantize: --layers {args.layers!r} is not a regular expression ({exc})") from None
+    console.print(f"analysis passes on {args.model} (cached after the first run) ...")
+    graph, res, _ = annotated_reference_graph(args.model, log=console.print)
+    transformer = load_reference(args.model).denoiser.transformer
+    layers = [i.param for i in res.table if i.kind == "linear" and (pat is None or pat.search(i.param))]
+    if not layers:
+        raise InputError(f"quantize: no linear layer matches {args.layers!r}")
+    requests = {}
+    for p in layers:
+        k = dict(transformer.named_parameters())[p].shape[1]
+        g = args.group if args.group and k % args.group == 0 else None
+        requests[p] = [(b, g) for b in bits]
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} copies"),
+                  TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task(f"GPTQ ({args.hessian} Hessian)", total=sum(len(v) for v in requests.values()))
+        wp = GPTQWeights(transformer, requests, args.output, hessian=args.hessian, options=opts,
+                         progress=lambda stage, done, total: progress.update(task, completed=done))
+        wp(graph)
+    from ..passes.annotations import get_annotation
+    from ..passes.weights import WeightCopies
+
+    rows = {}
+    for p, nodes in layer_nodes(graph).items():
+        wc = get_annotation(nodes[0], WeightCopies)
+        if wc is not None and p in requests:
+            rows[p] = {name: dict(rtn_error=r, error=e) for name, r, e in zip(wc.copies, wc.rtn_error, wc.error)}
+    summary = {}
+    for b in bits:
+        pairs = [(v["rtn_error"], v["error"]) for r in rows.values() for n, v in r.items() if f"@w{b}" in n]
+        summary[f"W{b}"] = dict(layers=len(pairs), mean_rtn_error=sum(a for a, _ in pairs) / len(pairs),
+                                mean_error=sum(e for _, e in pairs) / len(pairs),
+                                layers_better_than_rtn=sum(e < a for a, e in pairs))
+    table = Table(title=f"{args.output}: relative output error tr(dW H dW^T)/tr(W H W^T), uniform H")
+    for c in ("bits", "layers", "RTN (mean)", f"{args.hessian} GPTQ (mean)" if args.hessian != "none" else "written",
+              "better than RTN"):
+        table.add_column(c)
+    for b, v in summary.items():
+        table.add_row(b, str(v["layers"]), f"{v['mean_rtn_error']:.3e}", f"{v['mean_error']:.3e}",
+                      f"{v['layers_better_than_rtn']}/{v['layers']}")
+    console.print(table)
+    size = Path(args.output).stat().st_size
+    console.print(f"wrote {args.output} ({size / 1e6:.2f} MB) in {wp.seconds:.1f} s")
+    if args.report:
+        atomic_write_text(args.report, json.dumps(dict(format="adatsq.weights-report", version=1, model=args.model,
+                                                       hessian=args.hessian, gptq=dataclasses.asdict(opts),
+                                                       summary=summary, layers=rows), indent=1, sort_keys=True) + "\n")
+        console.print(f"wrote {args.report}")
+    return 0
+
+
 def _analysis_dir(path: str) -> Path:
     p = Path(path)
     return p if p.is_dir() else p.parent
@@ -503,6 +589,22 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--keep-going", action="store_true",
                     help="record a variant that cannot run (e.g. a peer not installed) and go on")
     pv.set_defaults(func=cmd_eval)
+
+    pq = sub.add_parser("quantize", help="GPTQ weight copies (Fisher-weighted Hessian by default) of every linear "
+                        "layer, streamed layer by layer to one safetensors file")
+    pq.add_argument("model", nargs="?", default="flux-fmnist", help="a reference model (default flux-fmnist)")
+    pq.add_argument("-o", "--output", required=True, metavar="FILE.safetensors")
+    pq.add_argument("--bits", action="append", required=True, metavar="B",
+                    help="weight bits of a copy, 2..8 (repeatable: one copy per width, e.g. --bits 4 --bits 8)")
+    pq.add_argument("--group", type=int, help="group size (layers it does not divide stay per channel)")
+    pq.add_argument("--hessian", choices=("fisher", "uniform", "none"), default="fisher",
+                    help="fisher: AdaTSQ's sum_t alpha[t] X_t^T X_t; uniform: plain GPTQ; none: round to nearest")
+    pq.add_argument("--layers", metavar="REGEX", help="only layers whose name matches")
+    pq.add_argument("--damp", type=float, default=0.01, help="GPTQ damping (fraction of mean diagonal)")
+    pq.add_argument("--block-size", type=int, default=128)
+    pq.add_argument("--no-act-order", action="store_true")
+    pq.add_argument("--report", metavar="FILE.json", help="per-layer errors, RTN vs the written copy")
+    pq.set_defaults(func=cmd_quantize)
 
     pa = sub.add_parser("analyze", help="analysis passes on the FP trajectory: Fisher, statistics, Hessians, "
                         "sensitivity (cached; resumable)")

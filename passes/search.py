@@ -1,0 +1,224 @@
+"""The search pass's core: a Pareto-pruned beam search over denoising steps for a precision policy.
+
+A *policy* assigns one precision of the target's lattice to every layer group at every step. The
+search walks the steps in sampling order (T..1 in diffusion notation, index 0..S-1 here) as
+constrained pathfinding:
+
+* a **beam entry** is a partial policy (steps ``0..k-1``) plus the *state* it produced: for the real
+  model, the quantized latents of the search samples after step ``k-1``;
+* at step ``k`` each entry is expanded with the **candidate assignments** for that step (a short
+  list, e.g. from the sensitivity annotations, :func:`allocation_candidates`), and each child's
+  state and **error** come from ``step_fn`` (for the real model: one denoising step with the
+  child's precisions, error = MSE of its latents against the FP trajectory from the same noise and
+  condition after that step, so the error accumulates what earlier choices did);
+* a child that can no longer meet the **budget** (even with the cheapest precision for every
+  remaining step) is dropped;
+* of the rest only the **Pareto front** in (weight bits spent, activation bits spent, error)
+  survives, trimmed to the beam width ``K`` (always keeping the lowest error; the rest spread
+  evenly over the bits axis, the sum of both averages relative to the budget);
+* after the last step the feasible entry with the lowest final error wins.
+
+Costs: weight bits are weighted by parameters, activation bits by MACs, over groups and steps
+(:class:`Costs`). The budget constrains both averages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+from .plan import Budget, Precision
+
+#: a step's assignment: the lattice index of every group's precision
+Assignment = tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Costs:
+    """Per group: parameters (weighting weight bits) and MACs per step (weighting activation bits)."""
+
+    params: tuple[float, ...]
+    macs: tuple[float, ...]
+
+    def step_bits(self, assignment: Assignment, lattice: Sequence[Precision]) -> tuple[float, float]:
+        """(sum params x w_bits, sum MACs x a_bits) of one step's assignment."""
+        w = sum(self.params[g] * lattice[i].w_bits for g, i in enumerate(assignment))
+        a = sum(self.macs[g] * lattice[i].a_bits for g, i in enumerate(assignment))
+        return w, a
+
+    def averages(self, policy: Sequence[Assignment], lattice: Sequence[Precision]) -> Budget:
+        w = a = 0.0
+        for asg in policy:
+            dw, da = self.step_bits(asg, lattice)
+            w, a = w + dw, a + da
+        n = max(len(policy), 1)
+        return Budget(w / (n * sum(self.params)), a / (n * sum(self.macs)))
+
+
+@dataclasses.dataclass
+class Entry:
+    policy: tuple[Assignment, ...]
+    state: Any
+    error: float
+    w_spent: float  # sum over steps so far of params x w_bits
+    a_spent: float
+
+
+@dataclasses.dataclass
+class SearchResult:
+    policy: tuple[Assignment, ...]
+    error: float
+    achieved: Budget
+    explored: list[tuple[int, float, float, bool]]  # (step, bits axis, error, kept) of every child
+    front: list[tuple[float, float]]  # final (bits axis, error) of the complete entries
+    evaluations: int
+
+
+def check_budget(costs: Costs, lattice: Sequence[Precision], budget: Budget) -> None:
+    """Raise InputError if no policy over ``lattice`` can meet ``budget``."""
+    lo_w = min(p.w_bits for p in lattice)
+    lo_a = min(p.a_bits for p in lattice)
+    if lo_w > budget.w_bits + 1e-9 or lo_a > budget.a_bits + 1e-9:
+        raise InputError(f"infeasible budget W{budget.w_bits:g}A{budget.a_bits:g}: the lattice's cheapest "
+                         f"precisions are {lo_w}-bit weights and {lo_a}-bit activations "
+                         f"({', '.join(p.name for p in lattice)})")
+
+
+def _pareto(points: list[tuple[float, ...]]) -> list[int]:
+    """Indices of the non-dominated points (lower is better in every coordinate; of equal points
+    the first is kept)."""
+    out = []
+    for i, p in enumerate(points):
+        dominated = False
+        for j, q in enumerate(points):
+            if j != i and all(b <= a for a, b in zip(p, q)) and (q != p or j < i):
+                dominated = True
+                break
+        if not dominated:
+            out.append(i)
+    return out
+
+
+def _trim(front: list[int], bits: list[float], errors: list[float], k: int) -> list[int]:
+    if len(front) <= k:
+        return front
+    best = min(front, key=lambda i: errors[i])
+    rest = sorted((i for i in front if i != best), key=lambda i: bits[i])
+    if k == 1:
+        return [best]
+    picks = np.linspace(0, len(rest) - 1, k - 1).round().astype(int)
+    return [best] + [rest[j] for j in dict.fromkeys(picks.tolist())]
+
+
+def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budget: Budget,
+                candidates: Callable[[int], Sequence[Assignment]],
+                step_fn: Callable[[Any, int, Sequence[Assignment]], Sequence[tuple[Any, float]]],
+                initial_state: Any, beam: int = 4,
+                progress: Callable[[int, int], None] | None = None) -> SearchResult:
+    """Beam search (see the module docstring). ``step_fn(state, k, assignments)`` returns, for each
+    assignment, the child state and its error after step ``k`` (batched so a model can evaluate
+    several children at once); ``candidates(k)`` lists the assignments tried at step ``k``."""
+    if beam < 1:
+        raise InputError(f"search: beam width must be >= 1, got {beam}")
+    check_budget(costs, lattice, budget)
+    total_w = budget.w_bits * num_steps * sum(costs.params)
+    total_a = budget.a_bits * num_steps * sum(costs.macs)
+    min_w = min(p.w_bits for p in lattice) * sum(costs.params)
+    min_a = min(p.a_bits for p in lattice) * sum(costs.macs)
+    tol = 1e-9 * (total_w + total_a)
+
+    def axis(w: float, a: float, steps: int) -> float:
+        return (w / max(total_w, 1e-30) + a / max(total_a, 1e-30)) * num_steps / max(steps, 1)
+
+    beam_entries = [Entry((), initial_state, 0.0, 0.0, 0.0)]
+    explored: list[tuple[int, float, float, bool]] = []
+    evaluations = 0
+    for k in range(num_steps):
+        cands = list(dict.fromkeys(tuple(c) for c in candidates(k)))
+        if not cands:
+            raise InputError(f"search: no candidate assignment at step {k}")
+        left = num_steps - k - 1
+        children: list[Entry] = []
+        for e in beam_entries:
+            feasible = []
+            for c in cands:
+                dw, da = costs.step_bits(c, lattice)
+                if (e.w_spent + dw + left * min_w <= total_w + tol and
+                        e.a_spent + da + left * min_a <= total_a + tol):
+                    feasible.append((c, dw, da))
+            if not feasible:
+                continue
+            results = step_fn(e.state, k, [c for c, _, _ in feasible])
+            evaluations += len(feasible)
+            for (c, dw, da), (state, err) in zip(feasible, results):
+                children.append(Entry(e.policy + (c,), state, float(err), e.w_spent + dw, e.a_spent + da))
+        if not children:
+            raise InputError(f"search: no candidate at step {k} keeps the budget reachable")
+        bits = [axis(c.w_spent, c.a_spent, k + 1) for c in children]
+        errors = [c.error for c in children]
+        # dominance in (weight bits spent, activation bits spent, error): a child another beats on
+        # all three can never end better (the rest of its path is open to the other too)
+        front = _pareto([(c.w_spent, c.a_spent, c.error) for c in children])
+        keep = _trim(front, bits, errors, beam)
+        kept = set(keep)
+        explored += [(k, bits[i], errors[i], i in kept) for i in range(len(children))]
+        beam_entries = [children[i] for i in keep]
+        if progress is not None:
+            progress(k + 1, num_steps)
+    best = min(beam_entries, key=lambda e: e.error)
+    final = [(axis(e.w_spent, e.a_spent, num_steps), e.error) for e in beam_entries]
+    front = sorted(final[i] for i in _pareto(final))
+    return SearchResult(best.policy, best.error, costs.averages(best.policy, lattice), explored, front, evaluations)
+
+
+def allocation_candidates(errors: np.ndarray, lattice: Sequence[Precision], costs: Costs, budget: Budget,
+                          levels: Sequence[float] = (0.75, 0.875, 1.0, 1.125, 1.25, 1.5)) -> list[Assignment]:
+    """Candidate assignments for one step from per-(group, precision) errors ``errors[G, P]``
+    (e.g. the one-step sensitivity): for each level ``l``, a greedy allocation minimising the summed
+    error with both averages within ``l`` x the budget (start from the cheapest precision
+    everywhere, repeatedly apply the upgrade with the best error reduction per relative bit), plus
+    every uniform assignment within the largest level."""
+    G, P = errors.shape
+    wsum, asum = sum(costs.params), sum(costs.macs)
+    cheapest = min(range(P), key=lambda p: (lattice[p].w_bits + lattice[p].a_bits, errors[:, p].sum()))
+    out: list[Assignment] = []
+
+    def rel(g: int, p: int) -> tuple[float, float]:
+        return costs.params[g] * lattice[p].w_bits / wsum, costs.macs[g] * lattice[p].a_bits / asum
+
+    for lv in levels:
+        cap_w, cap_a = lv * budget.w_bits, lv * budget.a_bits
+        asg = [cheapest] * G
+        w = sum(rel(g, cheapest)[0] for g in range(G))
+        a = sum(rel(g, cheapest)[1] for g in range(G))
+        if w > cap_w + 1e-9 or a > cap_a + 1e-9:
+            continue
+        while True:
+            best = None
+            for g in range(G):
+                w0, a0 = rel(g, asg[g])
+                for p in range(P):
+                    if p == asg[g] or errors[g, p] >= errors[g, asg[g]]:
+                        continue
+                    w1, a1 = rel(g, p)
+                    nw, na = w - w0 + w1, a - a0 + a1
+                    if nw > cap_w + 1e-9 or na > cap_a + 1e-9:
+                        continue
+                    cost = max((w1 - w0) / budget.w_bits + (a1 - a0) / budget.a_bits, 1e-12)
+                    gain = (errors[g, asg[g]] - errors[g, p]) / cost
+                    if best is None or gain > best[0]:
+                        best = (gain, g, p, nw, na)
+            if best is None:
+                break
+            _, g, p, w, a = best
+            asg[g] = p
+        out.append(tuple(asg))
+    top = max(levels)
+    for p in range(P):
+        if lattice[p].w_bits <= top * budget.w_bits + 1e-9 and lattice[p].a_bits <= top * budget.a_bits + 1e-9:
+            out.append((p,) * G)
+    return list(dict.fromkeys(out))

@@ -44,11 +44,21 @@ class LayerTransform:
     rotation: torch.Tensor | None = None  # R [K, K]
     low_rank: tuple[torch.Tensor, torch.Tensor] | None = None  # (A [O, r], B [r, K])
 
+    def __post_init__(self):
+        # a block-diagonal rotation with equal blocks (block_hadamard) is applied block-wise:
+        # K * b multiply-adds per token instead of K^2
+        object.__setattr__(self, "_block", None if self.rotation is None else _repeated_block(self.rotation))
+
     def input(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth is not None:
             x = x / self.smooth
         if self.rotation is not None:
-            x = x @ self.rotation
+            blk = self._block
+            if blk is None:
+                x = x @ self.rotation
+            else:
+                b = blk.shape[0]
+                x = (x.reshape(*x.shape[:-1], x.shape[-1] // b, b) @ blk).reshape(x.shape)
         return x
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -58,6 +68,22 @@ class LayerTransform:
             a, b = self.low_rank
             y = y + (xt @ b.T) @ a.T
         return y
+
+
+def _repeated_block(r: torch.Tensor) -> torch.Tensor | None:
+    """The ``b x b`` block if ``r`` is block-diagonal with identical blocks (smallest such ``b``
+    below ``K``), else None."""
+    k = r.shape[0]
+    if r.ndim != 2 or r.shape[1] != k:
+        return None
+    b = 1
+    while b < k:
+        if k % b == 0:
+            blk = r[:b, :b]
+            if torch.equal(r, torch.block_diag(*([blk] * (k // b)))):
+                return blk.contiguous()
+        b *= 2
+    return None
 
 
 def transformed_weight(w: torch.Tensor, smooth: torch.Tensor | None = None, rotation: torch.Tensor | None = None

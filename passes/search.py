@@ -31,7 +31,18 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import InputError
+from .annotations import register_annotation
 from .plan import Budget, Precision
+
+
+@register_annotation("adatsq.precision")
+@dataclasses.dataclass(frozen=True)
+class LayerPrecision:
+    """On every call node of a layer: the precision it runs at, per step (written by the search)."""
+
+    param: str
+    group: str
+    per_step: tuple[str, ...]
 
 #: a step's assignment: the lattice index of every group's precision
 Assignment = tuple[int, ...]
@@ -222,3 +233,216 @@ def allocation_candidates(errors: np.ndarray, lattice: Sequence[Precision], cost
         if lattice[p].w_bits <= top * budget.w_bits + 1e-9 and lattice[p].a_bits <= top * budget.a_bits + 1e-9:
             out.append((p,) * G)
     return list(dict.fromkeys(out))
+
+
+# =========================================================================== targets
+#: what each deployment target executes (the search proposes nothing else); FP16 = kept in 16-bit
+TARGETS: dict[str, tuple[Precision, ...]] = {
+    # the paper's setting: any of these, simulated (fake-quantized) in floating point
+    "simulate": (Precision("W3A3", 3, 3), Precision("W4A4", 4, 4), Precision("W4A8", 4, 8),
+                 Precision("W8A8", 8, 8), Precision("FP16", 16, 16)),
+    # TensorRT explicit quantization: INT8 W8A8, INT4 weight-only, 16-bit (FP8 needs a fp8 lattice
+    # point; added with the backends)
+    "tensorrt": (Precision("W4A16", 4, 16), Precision("W8A8", 8, 8), Precision("FP16", 16, 16)),
+    # onnxruntime CPU kernels: MatMulNBits (INT4 weight-only), dynamic INT8 MatMulInteger
+    "onnxruntime": (Precision("W4A16", 4, 16), Precision("W8A8", 8, 8), Precision("FP16", 16, 16)),
+    # our CUDA kernels
+    "torch-cuda": (Precision("W4A8", 4, 8), Precision("W4A16", 4, 16), Precision("W8A8", 8, 8),
+                   Precision("FP16", 16, 16)),
+}
+
+
+def target_lattice(target: str) -> tuple[Precision, ...]:
+    if target not in TARGETS:
+        raise InputError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
+    return TARGETS[target]
+
+
+def parse_budget(text: str) -> Budget:
+    """``W4A4`` -> Budget(4, 4); ``W3.5A6`` -> Budget(3.5, 6)."""
+    import re
+
+    m = re.fullmatch(r"\s*[wW](\d+(?:\.\d+)?)\s*[aA](\d+(?:\.\d+)?)\s*", text or "")
+    if not m:
+        raise InputError(f"budget {text!r}: expected W<bits>A<bits>, e.g. W4A4 or W3.5A6")
+    return Budget(float(m.group(1)), float(m.group(2)))
+
+
+# =========================================================================== the model
+class SwitchableLayers:
+    """Per layer, one :class:`~adatsq.passes.transforms.LayerTransform` per precision; ``select``
+    sets which one every layer runs (used inside :func:`~adatsq.passes.transforms.transformed_layers`
+    through :meth:`transforms`)."""
+
+    def __init__(self, options: dict[str, dict[str, Any]]):
+        self.options = options  # param -> precision name -> LayerTransform
+        self.current: dict[str, str] = {p: next(iter(o)) for p, o in options.items()}
+
+    def select(self, precisions: dict[str, str]) -> None:
+        for p, name in precisions.items():
+            if name not in self.options[p]:
+                raise InputError(f"{p}: no weights prepared for precision {name}")
+            self.current[p] = name
+
+    def transforms(self) -> dict[str, Any]:
+        return {p: _Switch(self, p) for p in self.options}
+
+
+class _Switch:
+    def __init__(self, layers: SwitchableLayers, param: str):
+        self.layers, self.param = layers, param
+
+    def __call__(self, x, bias):
+        return self.layers.options[self.param][self.layers.current[self.param]](x, bias)
+
+
+def model_step_fn(calib: Any, switch: SwitchableLayers, groups: dict[str, list[str]], lattice: Sequence[Precision],
+                  fp_latents: Any, samples: Sequence[int]) -> Callable:
+    """The beam search's ``step_fn`` for a real model: one sampler step (CFG as the calibration set
+    samples it) on the search samples' latents with the assignment's precisions; the error is the
+    mean squared difference to the FP trajectory after that step (same noise, same condition)."""
+    import torch
+
+    from ..frontend.sampling import flow_match_scheduler
+
+    sched = flow_match_scheduler(calib.schedule)
+    sigmas = sched.sigmas.float()  # the sampler's own float32 step sizes
+    names = list(groups)
+    idx = list(samples)
+
+    def step_fn(state, k, assignments):
+        out = []
+        for asg in assignments:
+            switch.select({p: lattice[asg[g]].name for g, n in enumerate(names) for p in groups[n]})
+            with torch.inference_mode():
+                v = calib.guided(calib.denoiser(*calib.model_inputs(state, k, idx)))
+                x = state + (sigmas[k + 1] - sigmas[k]) * v
+            out.append((x, float((x - fp_latents[k + 1, idx]).square().mean())))
+        return out
+
+    return step_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchOptions:
+    target: str = "simulate"
+    beam: int = 4
+    samples: int = 10  # search samples: the first seed of each condition, then the next seeds
+    levels: tuple[float, ...] = (0.75, 0.875, 1.0, 1.125, 1.25, 1.5)
+
+
+def _annotation_imports():
+    from .analysis import Sensitivity, layer_nodes
+    from .annotations import annotate, get_annotation, register_annotation
+
+    return Sensitivity, layer_nodes, annotate, get_annotation, register_annotation
+
+
+def sensitivity_table(graph: Any, lattice: Sequence[Precision]) -> tuple[dict[str, list[str]], np.ndarray]:
+    """From the ``adatsq.sensitivity`` annotations: the layer groups (group -> layers, graph order)
+    and the one-step error ``[S, G, P]`` of every group at every step for every lattice precision
+    (0 for 16-bit). A lattice precision the analysis did not measure is an error naming it."""
+    from .infra import PreconditionError
+
+    Sensitivity, layer_nodes, _, get_annotation, _ = _annotation_imports()
+    groups: dict[str, list[str]] = {}
+    errs: dict[str, Any] = {}
+    for p, nodes in layer_nodes(graph).items():
+        sens = get_annotation(nodes[0], Sensitivity)
+        if sens is None:
+            raise PreconditionError(f"search: {p} has no sensitivity annotation (run the sensitivity analysis pass)")
+        groups.setdefault(sens.group, []).append(p)
+        errs[sens.group] = sens
+    first = next(iter(errs.values()))
+    S = len(first.group_error[0])
+    out = np.zeros((S, len(groups), len(lattice)))
+    for j, prec in enumerate(lattice):
+        if prec.w_bits >= 16 and prec.a_bits >= 16:
+            continue
+        if prec.name not in first.precisions:
+            raise PreconditionError(f"search: the sensitivity analysis did not measure {prec.name} (it measured "
+                                    f"{', '.join(first.precisions)}); rerun it with that precision")
+        for g, name in enumerate(groups):
+            out[:, g, j] = errs[name].group_error[errs[name].precisions.index(prec.name)]
+    return groups, out
+
+
+def layer_transform_factory(transformer: Any, graph: Any, weights: str = "gptq-fisher") -> Callable:
+    """``make(param, precision) -> LayerTransform``: the weights a precision runs with. ``rtn``:
+    round to nearest; ``gptq`` / ``gptq-fisher``: GPTQ with the uniform / Fisher-weighted Hessian
+    of the ``adatsq.hessian`` annotations. Activations: per-token dynamic at the precision's bits."""
+    import torch
+
+    from .analysis import HessianRef, layer_nodes
+    from .annotations import get_annotation
+    from .gptq import gptq
+    from .quant import fake_quant_weight
+    from .transforms import LayerTransform
+
+    if weights not in ("rtn", "gptq", "gptq-fisher"):
+        raise InputError(f"search: unknown weights {weights!r} (rtn, gptq, gptq-fisher)")
+    params = dict(transformer.named_parameters())
+    nodes = layer_nodes(graph)
+    memo: dict = {}
+
+    def make(param: str, prec: Precision):
+        key = (param, prec.w_bits)
+        w = params[param].detach().float()
+        if key not in memo:
+            if prec.w_bits >= 16:
+                memo[key] = w
+            elif weights == "rtn":
+                memo[key] = fake_quant_weight(w, prec.w_bits)
+            else:
+                h = get_annotation(nodes[param][0], HessianRef)
+                if h is None:
+                    raise InputError(f"search: {param} has no Hessian for GPTQ weights (use weights='rtn')")
+                memo[key] = gptq(w, h.mean(1 if weights == "gptq-fisher" else 0), prec.w_bits).dequantize()
+        return LayerTransform(memo[key], prec.a_bits)
+
+    return make
+
+
+def search_plan(graph: Any, calib: Any, fp_latents: Any, budget: Budget, options: SearchOptions = SearchOptions(),
+                make_transform: Callable | None = None, progress: Callable[[int, int], None] | None = None):
+    """Search a precision plan for the analysed ``graph`` (sensitivity and, for GPTQ weights,
+    Hessian annotations) under ``budget``; annotates every layer node with ``adatsq.precision``.
+    Returns (PrecisionPlan, SearchResult, groups)."""
+    import torch
+
+    from ..frontend.layers import LayerTable
+    from .plan import PrecisionPlan, fingerprint_graph
+    from .transforms import transformed_layers
+
+    lattice = target_lattice(options.target)
+    table = LayerTable.from_graph(graph)
+    groups, errors = sensitivity_table(graph, lattice)
+    costs = Costs(tuple(float(sum(table[p].params for p in ls)) for ls in groups.values()),
+                  tuple(float(sum((table[p].macs or table[p].macs_per_token) for p in ls)) for ls in groups.values()))
+    check_budget(costs, lattice, budget)  # before any work
+    if options.samples < 1:
+        raise InputError(f"search: samples must be >= 1, got {options.samples}")
+    transformer = calib.denoiser.transformer
+    make = make_transform or layer_transform_factory(transformer, graph)
+    switch = SwitchableLayers({p: {prec.name: make(p, prec) for prec in lattice} for ls in groups.values()
+                               for p in ls})
+    n_seeds = len(calib.seeds)
+    order = [c * n_seeds + s for s in range(n_seeds) for c in range(len(calib.conditions))]
+    samples = order[:min(options.samples, len(order))]
+    step_fn = model_step_fn(calib, switch, groups, lattice, fp_latents, samples)
+    with transformed_layers(transformer, switch.transforms()):
+        res = beam_search(calib.num_steps, lattice, costs, budget,
+                          lambda k: allocation_candidates(errors[k], lattice, costs, budget, options.levels),
+                          step_fn, fp_latents[0, samples].clone(), beam=options.beam, progress=progress)
+    names = list(groups)
+    group_of = {p: n for n, ls in groups.items() for p in ls}
+    layers = tuple(table.names)
+    assignment = tuple(tuple(lattice[asg[names.index(group_of[p])]].name for p in layers) for asg in res.policy)
+    plan = PrecisionPlan(fingerprint_graph(graph), calib.schedule, tuple(lattice), layers, assignment, budget,
+                         PrecisionPlan.averages(assignment, lattice, layers, table))
+    _, layer_nodes, annotate, _, _ = _annotation_imports()
+    for p, nodes in layer_nodes(graph).items():
+        value = LayerPrecision(p, group_of[p], tuple(row[layers.index(p)] for row in assignment))
+        for node in nodes:
+            annotate(node, value)
+    return plan, res, groups

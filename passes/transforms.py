@@ -209,8 +209,8 @@ def transformed_layers(transformer: nn.Module, transforms: Mapping[str, "LayerTr
             m = mods[param[: -len(".weight")]]
             if not isinstance(m, nn.Linear):
                 raise TypeError(f"{param}: only Linear layers take transforms, got {type(m).__name__}")
-            if isinstance(tr, LayerTransform):
-                m.forward = lambda x, m=m, tr=tr: tr(x, m.bias)
+            if isinstance(tr, LayerTransform) or (callable(tr) and not isinstance(tr, (list, tuple))):
+                m.forward = lambda x, m=m, tr=tr: tr(x, m.bias)  # a transform, or any tr(x, bias)
             else:
                 if clock is None:
                     raise InputError(f"{param}: per-step transforms need a StepClock")

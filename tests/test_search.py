@@ -99,3 +99,64 @@ def test_allocation_candidates_respect_their_levels():
     # the greedy allocation at 1.0 x budget errs no more than uniform W4A4
     best = min(sum(errors[g, c[g]] for g in range(G)) for c in at_budget)
     assert best <= errors[:, 1].sum() + 1e-12
+
+
+@pytest.fixture(scope="module")
+def analysed_tiny():
+    import torch
+
+    from adatsq.frontend.export import export_model
+    from adatsq.frontend.loading import Resolution
+    from adatsq.frontend.schedule import default_schedule
+    from adatsq.passes.analysis import AnalysisOptions, analyze
+    from adatsq.passes.calibration import CalibrationSet
+    from tests.test_analysis import _tiny_denoiser
+
+    den = _tiny_denoiser()
+    graph = export_model(den.transformer, Resolution(height=32, width=32, text_len=4, batch=2))
+    calib = CalibrationSet(den, [torch.tensor(0), torch.tensor(1)], (5, 6),
+                           default_schedule("FluxTransformer2DModel", 3, 2.0))
+    res = analyze(graph, calib, AnalysisOptions(sensitivity_samples=2, e2e_steps=0, groups="block",
+                                                precisions=("W3A3", "W4A4", "W4A8", "W8A8")))
+    return graph, calib, res
+
+
+def test_search_plan_on_a_tiny_model(analysed_tiny):
+    from adatsq.passes.analysis import layer_nodes
+    from adatsq.passes.annotations import get_annotation
+    from adatsq.passes.plan import PrecisionPlan
+    from adatsq.passes.search import LayerPrecision, SearchOptions, search_plan
+
+    graph, calib, res = analysed_tiny
+    lat = res.results["trajectory"]
+    for budget in (Budget(4.0, 4.0), Budget(5.0, 6.0)):
+        plan, out, groups = search_plan(graph, calib, lat, budget, SearchOptions(beam=2, samples=3))
+        assert plan.achieved.w_bits <= budget.w_bits + 1e-9 and plan.achieved.a_bits <= budget.a_bits + 1e-9
+        assert len(plan.assignment) == calib.num_steps and out.evaluations > 0
+        assert PrecisionPlan.from_json(plan.to_json()) == plan
+        for p, nodes in layer_nodes(graph).items():
+            lp = get_annotation(nodes[0], LayerPrecision)
+            assert lp.per_step == tuple(plan.precision(t, p).name for t in range(calib.num_steps))
+    with pytest.raises(InputError, match="infeasible budget W2A2"):
+        search_plan(graph, calib, lat, Budget(2.0, 2.0))
+    with pytest.raises(Exception, match="did not measure W4A16"):
+        search_plan(graph, calib, lat, Budget(4.0, 16.0), SearchOptions(target="tensorrt"))
+
+
+def test_model_step_fn_reproduces_the_fp_trajectory_at_16_bits(analysed_tiny):
+    from adatsq.passes.search import SwitchableLayers, model_step_fn, target_lattice
+    from adatsq.passes.transforms import LayerTransform, transformed_layers
+
+    graph, calib, res = analysed_tiny
+    lat = res.results["trajectory"]
+    tr = calib.denoiser.transformer
+    lattice = target_lattice("simulate")
+    linears = [n + ".weight" for n, m in tr.named_modules() if isinstance(m, __import__("torch").nn.Linear)]
+    params = dict(tr.named_parameters())
+    switch = SwitchableLayers({p: {"FP16": LayerTransform(params[p].detach().float(), 16)} for p in linears})
+    fn = model_step_fn(calib, switch, {"all": linears}, lattice, lat, [0, 3])
+    x = lat[0, [0, 3]]
+    with transformed_layers(tr, switch.transforms()):
+        for k in range(calib.num_steps):
+            ((x, err),) = fn(x, k, [(4,)])  # lattice[4] is FP16
+            assert err < 1e-10, (k, err)

@@ -89,7 +89,7 @@ class SearchResult:
     evaluations: int
 
 
-def check_budget(costs: Costs, lattice: Sequence[Precision], budget: Budget) -> None:
+def check_budget(lattice: Sequence[Precision], budget: Budget) -> None:
     """Raise InputError if no policy over ``lattice`` can meet ``budget``."""
     lo_w = min(p.w_bits for p in lattice)
     lo_a = min(p.a_bits for p in lattice)
@@ -135,7 +135,7 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
     several children at once); ``candidates(k)`` lists the assignments tried at step ``k``."""
     if beam < 1:
         raise InputError(f"search: beam width must be >= 1, got {beam}")
-    check_budget(costs, lattice, budget)
+    check_budget(lattice, budget)
     total_w = budget.w_bits * num_steps * sum(costs.params)
     total_a = budget.a_bits * num_steps * sum(costs.macs)
     min_w = min(p.w_bits for p in lattice) * sum(costs.params)
@@ -419,7 +419,7 @@ def search_plan(graph: Any, calib: Any, fp_latents: Any, budget: Budget, options
     groups, errors = sensitivity_table(graph, lattice)
     costs = Costs(tuple(float(sum(table[p].params for p in ls)) for ls in groups.values()),
                   tuple(float(sum((table[p].macs or table[p].macs_per_token) for p in ls)) for ls in groups.values()))
-    check_budget(costs, lattice, budget)  # before any work
+    check_budget(lattice, budget)
     if options.samples < 1:
         raise InputError(f"search: samples must be >= 1, got {options.samples}")
     transformer = calib.denoiser.transformer

@@ -232,3 +232,31 @@ def load_weight_copies(path: str | Path) -> WeightCopyIndex:
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: malformed '{FORMAT}' metadata ({exc})") from None
     return WeightCopyIndex(path, info.get("hessian", "?"), copies)
+
+
+def plan_transforms(plan: Any, weights: WeightCopyIndex | None, transformer: torch.nn.Module) -> dict[str, list]:
+    """Per layer, the :class:`~adatsq.passes.transforms.LayerTransform` of every step of ``plan``,
+    with the weight copies of ``weights`` (16-bit weights: the model's own); one object per
+    (layer, precision), shared by the steps that use it. Run with a StepClock."""
+    from .transforms import LayerTransform
+
+    params = dict(transformer.named_parameters())
+    by_name = {p.name: p for p in plan.lattice}
+    out: dict[str, list] = {}
+    for i, param in enumerate(plan.layers):
+        if param not in params:
+            raise InputError(f"plan: {param} is not a parameter of this model")
+        made: dict[str, Any] = {}
+        steps = []
+        for row in plan.assignment:
+            prec = by_name[row[i]]
+            if prec.name not in made:
+                w = params[param].detach().float()
+                if prec.w_bits < 16:
+                    if weights is None:
+                        raise InputError(f"plan: {param} runs at {prec.name} but no weights file was given")
+                    w = weights.get(param, prec.w_bits).dequantize().reshape(w.shape).to(w.dtype)
+                made[prec.name] = LayerTransform(w, prec.a_bits)
+            steps.append(made[prec.name])
+        out[param] = steps
+    return out

@@ -163,3 +163,16 @@ def test_quantize_errors(tmp_path):
     r = run_cli("quantize", "tiny-flux", "-o", str(out), "--bits", "4")
     assert r.returncode == 2 and "not a reference model" in r.stderr
     assert not out.exists()
+
+
+def test_build_errors(tmp_path):
+    out = tmp_path / "b"
+    for args, msg in ((("--budget", "four"), "expected W<bits>A<bits>"), (("--target", "tpu"), "unknown target 'tpu'"),
+                      (("--budget", "W2A2"), "infeasible budget W2A2"), (("--beam", "0"), "must be >= 1")):
+        r = run_cli("build", "flux-fmnist", "-o", str(out), *args)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    r = run_cli("build", "tiny-flux", "-o", str(out))
+    assert r.returncode == 2 and "not a reference model" in r.stderr
+    r = run_cli("eval", "-n", "4", "--plan", str(out))
+    assert r.returncode == 2 and "not a build directory" in r.stderr
+    assert not out.exists()

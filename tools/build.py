@@ -39,12 +39,14 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     from ..passes.analysis import AnalysisOptions, analyze
     from ..passes.cache import default_cache_root
     from ..passes.calibration import reference_calibration
-    from ..passes.search import SearchOptions, layer_transform_factory, parse_budget, search_plan, target_lattice
+    from ..passes.search import (SearchOptions, check_budget, layer_transform_factory, parse_budget, search_plan,
+                                 target_lattice)
     from ..passes.weights import GPTQWeights
     from .io import atomic_write_text
 
     budget = parse_budget(opts.budget)
     lattice = target_lattice(opts.target)
+    check_budget(lattice, budget)  # an infeasible budget fails before any work
     if opts.model not in REFERENCE_RESOLUTIONS:
         raise InputError(f"build: {opts.model!r} is not a reference model with a calibration set "
                          f"({', '.join(REFERENCE_RESOLUTIONS)})")

@@ -6,6 +6,7 @@
     adatsq eval    [MODEL] [--variant V] [-n N]       generate, judge, compare (flux-fmnist)
     adatsq analyze [MODEL] -o DIR                     trajectory, Fisher, statistics/Hessians, sensitivity
     adatsq quantize [MODEL] -o W.safetensors --bits 4 GPTQ weight copies (Fisher-weighted Hessian), streamed
+    adatsq build   [MODEL] -o DIR --budget W4A4       analysis -> search -> GPTQ: plan, weights, report, plots
     adatsq inspect MODEL --analysis DIR               show an analysis: tables and heatmaps
     adatsq models                                     the builtin models
 
@@ -234,6 +235,7 @@ def cmd_eval(args) -> int:
         for method in args.method:
             for bits in args.bits:
                 variants.append(f"{bits.lower()}-{method.lower()}")
+    variants += [f"plan:{d}" for d in (args.plan or [])]
     cfg = EvalConfig(model=args.model, variants=tuple(variants or ("fp",)), n=args.n, classes=classes,
                      seed=args.seed, steps=args.steps, guidance=args.guidance, batch=args.batch,
                      keep_going=args.keep_going)
@@ -340,6 +342,39 @@ def cmd_quantize(args) -> int:
                                                        hessian=args.hessian, gptq=dataclasses.asdict(opts),
                                                        summary=summary, layers=rows), indent=1, sort_keys=True) + "\n")
         console.print(f"wrote {args.report}")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..passes.search import check_budget, parse_budget, target_lattice
+    from .build import BuildOptions, build
+
+    opts = BuildOptions(model=args.model, budget=args.budget, target=args.target, beam=args.beam,
+                        search_samples=args.search_samples, weights=args.weights,
+                        sensitivity_samples=args.sensitivity_samples, cache_dir=args.cache)
+    check_budget(target_lattice(opts.target), parse_budget(opts.budget))  # bad input fails before any work
+    from ..errors import InputError
+
+    if opts.beam < 1 or opts.search_samples < 1 or opts.sensitivity_samples < 1:
+        raise InputError("build: --beam, --search-samples and --sensitivity-samples must be >= 1")
+    tasks = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as progress:
+        def on_progress(stage, done, total):
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done, total=total)
+
+        report = build(args.output, opts, log=console.print, progress=on_progress)
+    a, b = report["achieved"], report["budget"]
+    console.print(f"plan: W{a['w_bits']:.3f} A{a['a_bits']:.3f} average (budget W{b['w_bits']:g} A{b['a_bits']:g}); "
+                  f"search error {report['search']['final_error']:.3e} after {report['search']['evaluations']} "
+                  f"step evaluations; {report['weight_copies']} weight copies, "
+                  f"{report['weights_bytes'] / 1e6:.2f} MB")
+    console.print("seconds by stage: " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()))
+    console.print(f"wrote {args.output}/plan.json, weights.safetensors, report.json, plan.png, pareto.png")
     return 0
 
 
@@ -586,6 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--json", metavar="FILE")
     pv.add_argument("--md", metavar="FILE", help="write the Markdown table")
     pv.add_argument("--grid", metavar="FILE.png", help="write a PNG grid: FP row vs variant rows, same seeds")
+    pv.add_argument("--plan", action="append", metavar="BUILD_DIR",
+                    help="also evaluate the plan of an `adatsq build` directory (repeatable)")
     pv.add_argument("--keep-going", action="store_true",
                     help="record a variant that cannot run (e.g. a peer not installed) and go on")
     pv.set_defaults(func=cmd_eval)
@@ -605,6 +642,18 @@ def build_parser() -> argparse.ArgumentParser:
     pq.add_argument("--no-act-order", action="store_true")
     pq.add_argument("--report", metavar="FILE.json", help="per-layer errors, RTN vs the written copy")
     pq.set_defaults(func=cmd_quantize)
+
+    pb = sub.add_parser("build", help="export -> analysis -> search -> Fisher-weighted GPTQ -> plan, weights, report")
+    pb.add_argument("model", nargs="?", default="flux-fmnist", help="a reference model (default flux-fmnist)")
+    pb.add_argument("-o", "--output", required=True, metavar="DIR")
+    pb.add_argument("--budget", default="W4A4", help="average bits W<w>A<a>, e.g. W4A4, W3.5A6 (default W4A4)")
+    pb.add_argument("--target", default="simulate", help="simulate (default), tensorrt, onnxruntime, torch-cuda")
+    pb.add_argument("--beam", type=int, default=4, help="beam width K (default 4)")
+    pb.add_argument("--search-samples", type=int, default=10, help="calibration samples the search scores on")
+    pb.add_argument("--weights", choices=("gptq-fisher", "gptq", "rtn"), default="gptq-fisher")
+    pb.add_argument("--sensitivity-samples", type=int, default=4)
+    pb.add_argument("--cache", metavar="DIR", help="analysis cache (default $ADATSQ_CACHE or ~/.cache/adatsq/analysis)")
+    pb.set_defaults(func=cmd_build)
 
     pa = sub.add_parser("analyze", help="analysis passes on the FP trajectory: Fisher, statistics, Hessians, "
                         "sensitivity (cached; resumable)")

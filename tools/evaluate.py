@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import json
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -62,7 +63,11 @@ class EvalConfig:
         if self.steps is not None and self.steps <= 0:
             raise InputError(f"eval: steps must be positive, got {self.steps}")
         for v in self.variants:
-            if v != "fp":
+            if v.startswith("plan:"):
+                d = Path(v[len("plan:"):])
+                if not (d / "plan.json").is_file():
+                    raise InputError(f"eval: {d} is not a build directory (no plan.json)")
+            elif v != "fp":
                 parse_variant(v)
 
 
@@ -123,6 +128,19 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | Non
     def generate(variant: str, w_bits: int, a_bits: int) -> np.ndarray:
         if variant == "fp":
             ctx = contextlib.nullcontext()
+        elif variant.startswith("plan:"):  # a build directory: plan.json + weights.safetensors
+            from ..passes.plan import PrecisionPlan, fingerprint_model
+            from ..passes.weights import load_weight_copies, plan_transforms
+
+            d = Path(variant[len("plan:"):])
+            plan = PrecisionPlan.load(d / "plan.json")
+            plan.check_model(fingerprint_model(transformer), table, where=str(d / "plan.json"))
+            if plan.schedule.num_steps != schedule.num_steps:
+                raise InputError(f"eval: {d} plans {plan.schedule.num_steps} steps, the schedule has "
+                                 f"{schedule.num_steps}")
+            wfile = d / "weights.safetensors"
+            ctx = transformed_layers(transformer, plan_transforms(
+                plan, load_weight_copies(wfile) if wfile.is_file() else None, transformer), clock)
         elif variant_method(variant) == "peer":  # a third-party quantizer on a copy of the model
             from ..passes.calibration import reference_calibration
             from .peers import peer_quantized
@@ -154,7 +172,7 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | Non
         return np.concatenate(out)
 
     for variant in dict.fromkeys(("fp",) + tuple(cfg.variants)):  # fp first: the fidelity reference
-        w_bits, a_bits = (16, 16) if variant == "fp" else parse_variant(variant)
+        w_bits, a_bits = (16, 16) if variant == "fp" or variant.startswith("plan:") else parse_variant(variant)
         t0 = time.perf_counter()
         try:
             images[variant] = generate(variant, w_bits, a_bits)
@@ -167,8 +185,12 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | Non
         feats = judge.features(images[variant])
         pred = judge.predict(images[variant])
         per_class = {ref.classes[c]: float((pred[labels == c] == c).mean()) for c in sorted(set(class_ids))}
-        plan_bits = PrecisionPlan.averages([[f"W{w_bits}A{a_bits}"] * len(linear_layers)],
-                                           [Precision(f"W{w_bits}A{a_bits}", w_bits, a_bits)], linear_layers, table)
+        if variant.startswith("plan:"):
+            plan_bits = PrecisionPlan.load(Path(variant[len("plan:"):]) / "plan.json").achieved
+        else:
+            plan_bits = PrecisionPlan.averages([[f"W{w_bits}A{a_bits}"] * len(linear_layers)],
+                                               [Precision(f"W{w_bits}A{a_bits}", w_bits, a_bits)], linear_layers,
+                                               table)
         row: dict[str, Any] = dict(w_bits=plan_bits.w_bits, a_bits=plan_bits.a_bits,
                                    judge_accuracy=float((pred == labels).mean()), per_class_accuracy=per_class,
                                    fid=float(fid(feats, ref_mu, ref_sigma)))

@@ -1,0 +1,170 @@
+"""Third-party quantizers (adatsq.tools.peers) on the shipped flux-fmnist model (4M parameters).
+
+The peer tests skip when their package (the ``peers`` extra: nvidia-modelopt, torchao) is not
+installed; the error-path tests run without them. Calibration and sampling use one class, one
+seed and a 2-step schedule, so each test takes seconds (torchao's CPU INT4 kernel is slow in fp32:
+a few seconds for this one sample).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from adatsq.errors import InputError
+from adatsq.frontend.reference import load_reference
+from adatsq.frontend.sampling import sample
+from adatsq.passes.calibration import reference_calibration
+from adatsq.tools.baselines import PEERS, parse_variant, variant_method
+from adatsq.tools.peers import PeerUnavailable, describe, peer_info, peer_quantized
+
+MODULES = {"modelopt-int8-sq": "modelopt.torch.quantization", "modelopt-int4-awq": "modelopt.torch.quantization",
+           "modelopt-w4a8-awq": "modelopt.torch.quantization", "torchao-int8-dyn": "torchao.quantization",
+           "torchao-int4-wo": "torchao.quantization"}
+#: linears quantized out of 48 (torchao's CPU INT4 cannot take x_embedder (in 4) nor proj_out (out 4))
+QUANTIZED = {"modelopt-int8-sq": 48, "modelopt-int4-awq": 48, "modelopt-w4a8-awq": 48, "torchao-int8-dyn": 48,
+             "torchao-int4-wo": 46}
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return load_reference("flux-fmnist")
+
+
+@pytest.fixture(scope="module")
+def calib(ref):
+    return reference_calibration(ref, seeds_per_class=1, classes=[3], steps=2)
+
+
+def _run(ref, calib):
+    """The calibration sample itself (in distribution for the static-calibrated peers)."""
+    return sample(ref.denoiser, calib.sample_conditions([0]), list(calib.seeds), calib.schedule, record=False).sample
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_peer_names_are_variants():
+    assert set(PEERS) == set(MODULES)
+    for name in PEERS:
+        assert variant_method(name) == "peer" and parse_variant(name) == PEERS[name]
+        d = describe(name)  # works without the package installed
+        assert d["peer"] == name and d["nominal_bits"] == dict(w=PEERS[name][0], a=PEERS[name][1])
+        assert d["package"].split()[0] in ("nvidia-modelopt", "torchao")
+
+
+def test_unknown_peer(ref, calib):
+    original = ref.denoiser.transformer
+    with pytest.raises(InputError, match="unknown peer 'modelopt-int2'"):
+        with peer_quantized(ref, "modelopt-int2", calib):
+            pass
+    with pytest.raises(InputError, match="unknown peer"):
+        describe("nope")
+    assert ref.denoiser.transformer is original
+
+
+@pytest.mark.parametrize("name,module", [("modelopt-int4-awq", "modelopt"), ("torchao-int8-dyn", "torchao")])
+def test_missing_package_is_a_clear_input_error(ref, calib, monkeypatch, name, module):
+    for mod in list(sys.modules):
+        if mod == module or mod.startswith(module + "."):
+            monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    original = ref.denoiser.transformer
+    with pytest.raises(PeerUnavailable) as err:
+        with peer_quantized(ref, name, calib):
+            pass
+    msg = str(err.value)
+    assert isinstance(err.value, InputError)
+    assert name in msg and describe(name)["package"].split()[0] in msg and "pip install 'adatsq[peers]'" in msg
+    assert "ImportError" in msg or "ModuleNotFoundError" in msg
+    assert ref.denoiser.transformer is original
+
+
+def test_peer_failure_is_wrapped_and_restores(ref, calib, monkeypatch):
+    tq = pytest.importorskip("torchao.quantization")
+
+    def boom(*a, **k):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(tq, "quantize_", boom)
+    original = ref.denoiser.transformer
+    with pytest.raises(PeerUnavailable, match=r"torchao-int8-dyn \(torchao [0-9.]+\) failed: RuntimeError: "
+                                               r"kernel exploded"):
+        with peer_quantized(ref, "torchao-int8-dyn", calib):
+            pass
+    assert ref.denoiser.transformer is original
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_peer_swaps_quantizes_and_restores(ref, calib, name, record_property):
+    pytest.importorskip(MODULES[name])
+    original = ref.denoiser.transformer
+    before = _state(original)
+    fp = _run(ref, calib)
+    with peer_quantized(ref, name, calib) as info:
+        assert ref.denoiser.transformer is not original
+        q = _run(ref, calib)
+    assert ref.denoiser.transformer is original
+    after = _state(original)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the original weights changed"
+    assert torch.equal(_run(ref, calib), fp), "the FP model's output changed after the context"
+    rel = float((q - fp).norm() / fp.norm())
+    record_property(f"adatsq:peer {name} sample rel. error vs FP", rel)
+    assert 1e-4 < rel < 0.25, f"{name}: relative error {rel:.4g}"
+    assert info["quantized_layers"] == QUANTIZED[name] and info["linear_layers"] == 48
+    static = peer_info(ref, name)
+    assert static["quantized_layers"] == info["quantized_layers"] and static["skipped"] == info["skipped"]
+    assert info["package"].endswith(describe(name)["package"].split()[-1]) and info["installed"]
+    if name.startswith("modelopt-"):
+        assert info["dropped_default_exclusions"] == ["*proj_out.*"]
+        assert info["calibration"]["samples"] == 1 and info["calibration"]["steps"] == 2
+        assert info["activation_quantized_layers"] == (0 if name == "modelopt-int4-awq" else 48)
+    if name == "torchao-int4-wo":
+        assert [s["layer"] for s in info["skipped"]] == ["x_embedder", "proj_out"]
+
+
+def test_restored_on_exception(ref, calib):
+    pytest.importorskip("torchao.quantization")
+    original = ref.denoiser.transformer
+    with pytest.raises(KeyError):
+        with peer_quantized(ref, "torchao-int8-dyn", calib):
+            assert ref.denoiser.transformer is not original
+            raise KeyError("inside")
+    assert ref.denoiser.transformer is original
+
+
+def test_torchao_int4_effective_weights_equal_the_kernel(ref):
+    """The table runs torchao-int4-wo with the weights its CPU kernel effectively multiplies by
+    (the kernel applied to the identity): the model output must match the kernel's."""
+    pytest.importorskip("torchao.quantization")
+    import copy
+
+    from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+    from torchao.quantization import quantize_
+
+    from adatsq.tools import peers
+
+    fast = peers._torchao_quantize("torchao-int4-wo", copy.deepcopy(ref.denoiser.transformer))["model"]
+    kernel = copy.deepcopy(ref.denoiser.transformer)
+    skip = set(peers._skip_reasons("torchao-int4-wo", kernel))
+    names = {id(m): n for n, m in kernel.named_modules()}
+    quantize_(kernel, PrototypeInt4WeightOnlyConfig(group_size=peers.TORCHAO_INT4_GROUP, set_inductor_config=False),
+              filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and names[id(m)] not in skip)
+    g = torch.Generator().manual_seed(0)
+    x, s, c = torch.randn(2, 1, 32, 32, generator=g), torch.rand(2, generator=g), torch.tensor([1, 7])
+    original = ref.denoiser.transformer
+    try:
+        with torch.no_grad():
+            ref.denoiser.transformer = fast
+            y_fast = ref.denoiser(x, s, c)
+            ref.denoiser.transformer = kernel
+            y_kernel = ref.denoiser(x, s, c)
+    finally:
+        ref.denoiser.transformer = original
+    assert float((y_fast - y_kernel).norm() / y_kernel.norm()) < 1e-5
+    with torch.no_grad():
+        assert not torch.allclose(y_fast, ref.denoiser(x, s, c), rtol=0, atol=1e-4)  # and it is quantized

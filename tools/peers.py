@@ -1,0 +1,373 @@
+"""Third-party quantizers ("peers") run through our evaluation harness, on a copy of the model.
+
+Optional extras (``pip install 'adatsq[peers]'``): NVIDIA Model Optimizer (``nvidia-modelopt``)
+and ``torchao``. A peer variant of ``adatsq eval`` (the keys of
+:data:`adatsq.tools.baselines.PEERS`) runs inside :func:`peer_quantized`, which swaps
+``ref.denoiser.transformer`` for a quantized ``copy.deepcopy`` of it and puts the original back on
+exit (also on errors); the original's weights are never touched.
+
+Scope: every ``nn.Linear`` of the transformer, the set our own baselines quantize (the layer
+table's ``linear`` kind; 48 in flux-fmnist, in-features 4, 64, 192, 256, 768, 960), except where a
+peer cannot take a layer (listed per peer below, and machine-readably in :func:`peer_info`).
+
+``modelopt-int8-sq``, ``modelopt-int4-awq``, ``modelopt-w4a8-awq``
+    ``mtq.quantize(copy, cfg, forward_loop)`` with ``mtq.INT8_SMOOTHQUANT_CFG``,
+    ``mtq.INT4_AWQ_CFG`` and ``mtq.W4A8_AWQ_BETA_CFG``: fake quantization in fp32 torch (it runs on
+    the CPU; no CUDA extension is needed for these paths). Two changes to the shipped configs, both
+    to quantize exactly our linear set: (1) the configs' weight/input quantizer entries are
+    restricted to ``parent_class="nn.Linear"`` (as shipped, modelopt 0.47 also quantizes the inputs
+    of every ``nn.LayerNorm``); (2) default exclusions that would disable one of our linears are
+    dropped: that is only ``*proj_out.*`` (meant for LLM output heads), which would otherwise skip
+    the single blocks' ``proj_out`` and the final ``proj_out``. Everything else is as shipped:
+    INT8 SQ = INT8 per-output-channel weights, INT8 per-tensor static activations after
+    SmoothQuant (alpha 1.0, modelopt's default); INT4 AWQ = INT4 weights in blocks of 128 input
+    channels (modelopt zero-pads the last block where 128 does not divide the in-features: 192 ->
+    128 + 64, 960 -> 7x128 + 64, and 4, 64 -> one block, i.e. per channel), FP activations, AWQ-lite
+    scales (alpha grid step 0.1); W4A8 AWQ = the same INT4 blocks followed by an FP8 E4M3 per-tensor
+    weight quantizer, FP8 E4M3 per-tensor static activations ("8 bits" are FP8, not INT8), AWQ-lite.
+    The forward loop samples the whole calibration set given (the default one: 10 classes x 2 seeds
+    x 20 steps with CFG, 40 rows a model call), walking the model's own trajectory.
+
+``torchao-int8-dyn``
+    ``quantize_(copy, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))``: INT8
+    symmetric per-row weights, INT8 symmetric per-token dynamic activations, real int8 x int8 ->
+    int32 matmuls on the CPU (``Int8Tensor``). All 48 linears. No calibration data is used.
+
+``torchao-int4-wo``
+    torchao 0.18's ``Int4WeightOnlyConfig`` has no CPU packing format (``plain`` and
+    ``preshuffled`` need the ``mslk`` GPU kernels, ``tile_packed_to_4d`` needs bfloat16 and CUDA,
+    ``plain_int32`` is XPU/NPU only; ``"opaque"`` was removed from it). The CPU path is its
+    successor ``torchao.prototype.quantization.int4.PrototypeInt4WeightOnlyConfig`` (the old
+    ``int4_packing_format="opaque"``: ``Int4OpaqueTensor``, tinygemm
+    ``_weight_int4pack_mm_for_cpu``), used here with ``group_size=64`` (allowed: 32, 64, 128, 256;
+    64 is the largest that divides 192 and 960), asymmetric INT4 weights with a zero point per
+    group, fp32 activations, ``set_inductor_config=False``. Skipped (``filter_fn``): ``x_embedder``
+    (in-features 4: no group size divides it; torchao would skip it itself) and the final
+    ``proj_out`` (out-features 4: the CPU packing needs out-features divisible by 16). No
+    calibration data is used.
+
+``set_inductor_config=False`` keeps torchao from changing torch's global inductor settings (we do
+not compile). Errors (package missing, a peer failing) are :class:`PeerUnavailable`, an
+:class:`~adatsq.errors.InputError` naming the peer, the package and version and the underlying
+error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import io
+import time
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from .baselines import PEERS
+
+INSTALL_HINT = "pip install 'adatsq[peers]'"
+
+#: peer -> (PyPI distribution, import name, configuration)
+_SPECS: dict[str, dict[str, Any]] = {
+    "modelopt-int8-sq": dict(
+        dist="nvidia-modelopt", module="modelopt", cfg="INT8_SMOOTHQUANT_CFG",
+        weights="INT8 symmetric, per output channel, static (max)",
+        activations="INT8 symmetric, per tensor, static (max calibration), after SmoothQuant smoothing (alpha 1.0)",
+        execution="fake quantization in fp32 (torch)", calibrated=True),
+    "modelopt-int4-awq": dict(
+        dist="nvidia-modelopt", module="modelopt", cfg="INT4_AWQ_CFG",
+        weights="INT4 symmetric, blocks of 128 input channels (last block zero-padded), AWQ-lite scales",
+        activations="floating point (fp32)",
+        execution="fake quantization in fp32 (torch)", calibrated=True),
+    "modelopt-w4a8-awq": dict(
+        dist="nvidia-modelopt", module="modelopt", cfg="W4A8_AWQ_BETA_CFG",
+        weights="INT4 symmetric, blocks of 128 input channels (last block zero-padded), then FP8 E4M3 per "
+                "tensor, AWQ-lite scales",
+        activations="FP8 E4M3, per tensor, static (max calibration)",
+        execution="fake quantization in fp32 (torch)", calibrated=True),
+    "torchao-int8-dyn": dict(
+        dist="torchao", module="torchao", cfg="Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)",
+        weights="INT8 symmetric, per output row",
+        activations="INT8 symmetric, per token, dynamic",
+        execution="int8 x int8 -> int32 matmul on the CPU (torchao Int8Tensor)", calibrated=False),
+    "torchao-int4-wo": dict(
+        dist="torchao", module="torchao",
+        cfg="torchao.prototype.quantization.int4.PrototypeInt4WeightOnlyConfig(group_size=64, "
+            "set_inductor_config=False)",
+        weights="INT4 asymmetric (zero point), groups of 64 input channels",
+        activations="floating point (fp32)",
+        execution="fp32 matmul with the effective weights of torchao's tinygemm CPU kernel "
+                  "(_weight_int4pack_mm_for_cpu applied to the identity; the kernel itself is ~30x slower here)",
+        calibrated=False),
+}
+
+TORCHAO_INT4_GROUP = 64
+
+
+class PeerUnavailable(InputError):
+    """A peer quantizer cannot run here: its package is missing, or it failed."""
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _spec(name: str) -> dict[str, Any]:
+    if name not in _SPECS:
+        raise InputError(f"unknown peer {name!r} (known: {', '.join(_SPECS)})")
+    return _SPECS[name]
+
+
+def _package(name: str) -> str:
+    dist = _spec(name)["dist"]
+    v = _version(dist)
+    return f"{dist} {v}" if v else f"{dist} (not installed)"
+
+
+def _require(name: str):
+    """Import the peer's package or raise :class:`PeerUnavailable`."""
+    import importlib
+
+    spec = _spec(name)
+    try:
+        return importlib.import_module(spec["module"])
+    except Exception as exc:  # ImportError, or a broken install failing at import
+        raise PeerUnavailable(
+            f"peer {name}: cannot import {spec['module']} ({_package(name)}): {type(exc).__name__}: {exc}; "
+            f"install the peers extra: {INSTALL_HINT}") from exc
+
+
+def _linears(transformer: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in transformer.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _torchao_int4_reason(mod: nn.Linear) -> str | None:
+    """Why torchao's CPU INT4 path cannot take this linear (None: it can)."""
+    if mod.in_features % TORCHAO_INT4_GROUP:
+        return (f"in-features {mod.in_features} not divisible by the group size {TORCHAO_INT4_GROUP} "
+                f"(torchao skips such weights)")
+    if mod.out_features % 16:
+        return (f"out-features {mod.out_features} not divisible by 16 (aten._convert_weight_to_int4pack_for_cpu: "
+                f"'expect N to be dividable by 16')")
+    return None
+
+
+def _skip_reasons(name: str, transformer: nn.Module) -> dict[str, str]:
+    if name == "torchao-int4-wo":
+        return {n: r for n, m in _linears(transformer).items() if (r := _torchao_int4_reason(m)) is not None}
+    return {}
+
+
+def describe(name: str) -> dict[str, Any]:
+    """What peer ``name`` runs, independent of a model: package and version, configuration,
+    numerics (raises InputError for an unknown name; works without the package installed)."""
+    spec = _spec(name)
+    w, a = PEERS[name]
+    out = dict(peer=name, package=_package(name), installed=_version(spec["dist"]) is not None,
+               config=(f"modelopt.torch.quantization.{spec['cfg']} (quantizer entries restricted to nn.Linear; "
+                       f"default exclusions that match one of our linears removed)"
+                       if spec["dist"] == "nvidia-modelopt" else f"torchao.quantization.quantize_(model, {spec['cfg']})"),
+               nominal_bits=dict(w=w, a=a), weights=spec["weights"], activations=spec["activations"],
+               execution=spec["execution"], uses_calibration=spec["calibrated"])
+    return out
+
+
+def peer_info(ref: Any, name: str) -> dict[str, Any]:
+    """:func:`describe` plus the layers of ``ref``'s transformer the peer quantizes and skips (with
+    reasons), as :func:`peer_quantized` applies it (no quantization is run)."""
+    info = describe(name)
+    lin = _linears(ref.denoiser.transformer)
+    skipped = _skip_reasons(name, ref.denoiser.transformer)
+    info.update(linear_layers=len(lin), quantized_layers=len(lin) - len(skipped),
+                skipped=[dict(layer=n, reason=r) for n, r in skipped.items()])
+    return info
+
+
+# ---------------------------------------------------------------------------------------- modelopt
+def _modelopt_config(mtq, cfg_name: str, linear_names: list[str]) -> tuple[dict, list[str]]:
+    """The shipped config with its quantizer entries restricted to nn.Linear and the exclusions
+    that would disable one of our linears dropped; returns (config, dropped patterns)."""
+    cfg = copy.deepcopy(getattr(mtq, cfg_name))
+    entries = cfg["quant_cfg"]
+    if not isinstance(entries, list):
+        raise TypeError(f"{cfg_name}['quant_cfg'] is a {type(entries).__name__}, expected the list format of "
+                        f"nvidia-modelopt >= 0.4x")
+    ours = [f"{n}.{q}" for n in linear_names for q in ("weight_quantizer", "input_quantizer")]
+    kept, dropped = [], []
+    for i, e in enumerate(entries):
+        e = dict(e)
+        pattern = e.get("quantizer_name")
+        if i == 0 and pattern == "*" and e.get("enable") is False and "cfg" not in e:
+            kept.append(e)  # the deny-all base entry
+        elif pattern in ("*weight_quantizer", "*input_quantizer") and e.get("parent_class") is None:
+            e["parent_class"] = "nn.Linear"
+            kept.append(e)
+        elif (e.get("enable") is False and e.get("parent_class") is None and "cfg" not in e
+              and any(fnmatch.fnmatch(q, pattern) for q in ours)):
+            dropped.append(pattern)
+        else:
+            kept.append(e)
+    cfg["quant_cfg"] = kept
+    return cfg, dropped
+
+
+def _modelopt_quantized_layers(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(linears with an enabled weight quantizer, linears with an enabled input quantizer)."""
+    def enabled(q) -> bool:
+        if q is None:
+            return False
+        if isinstance(q, nn.Sequential):
+            return any(getattr(x, "is_enabled", False) for x in q)
+        return bool(getattr(q, "is_enabled", False))
+
+    w, a = [], []
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            if enabled(getattr(m, "weight_quantizer", None)):
+                w.append(n)
+            if enabled(getattr(m, "input_quantizer", None)):
+                a.append(n)
+    return w, a
+
+
+def _modelopt_quantize(ref, name: str, calib, model: nn.Module, log) -> dict[str, Any]:
+    _require(name)
+    import modelopt.torch.quantization as mtq
+
+    from ..frontend.sampling import sample
+
+    cfg, dropped = _modelopt_config(mtq, _SPECS[name]["cfg"], list(_linears(model)))
+    calls = [0]
+
+    def forward_loop(m: nn.Module) -> None:
+        saved = ref.denoiser.transformer
+        ref.denoiser.transformer = m
+        try:
+            seeds = calib.sample_seeds()
+            for idx in calib.batches():
+                sample(ref.denoiser, calib.sample_conditions(idx), [seeds[i] for i in idx], calib.schedule,
+                       calib.guidance, record=False)
+                calls[0] += 1
+        finally:
+            ref.denoiser.transformer = saved
+
+    out = io.StringIO()  # modelopt prints progress to stdout: keep the CLI's console clean
+    with contextlib.redirect_stdout(out):
+        model = mtq.quantize(model, cfg, forward_loop)
+    for line in out.getvalue().splitlines():
+        if line.strip() and log is not None:
+            log(f"{name}: {line.strip()}")
+    wq, aq = _modelopt_quantized_layers(model)
+    return dict(model=model, weight_quantized=wq, input_quantized=aq, dropped_exclusions=dropped,
+                forward_loop_passes=calls[0])
+
+
+# ---------------------------------------------------------------------------------------- torchao
+def _torchao_quantize(name: str, model: nn.Module) -> dict[str, Any]:
+    _require(name)
+    from torchao.quantization import quantize_
+
+    if name == "torchao-int8-dyn":
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+        config = Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
+    else:
+        from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+
+        config = PrototypeInt4WeightOnlyConfig(group_size=TORCHAO_INT4_GROUP, set_inductor_config=False)
+    skip = set(_skip_reasons(name, model))
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def filter_fn(mod: nn.Module, fqn: str) -> bool:
+        return isinstance(mod, nn.Linear) and names.get(id(mod), fqn) not in skip
+
+    quantize_(model, config, filter_fn=filter_fn)
+    wq = [n for n, m in model.named_modules()
+          if isinstance(m, nn.Linear) and type(m.weight) is not nn.Parameter and type(m.weight) is not torch.Tensor]
+    if name == "torchao-int4-wo":
+        _int4_effective_weights(model, wq)
+    return dict(model=model, weight_quantized=wq,
+                input_quantized=wq if name == "torchao-int8-dyn" else [])
+
+
+def _int4_effective_weights(model: nn.Module, names: list[str]) -> None:
+    """Replace every INT4 weight by the fp32 weight torchao's kernel effectively multiplies by:
+    the kernel applied to the identity, ``W_eff^T = linear(I_K, W_int4)`` (exact: the kernel is
+    linear in its input). torchao's CPU INT4 kernel takes ~16 s per sample of flux-fmnist on our
+    2-core AVX2 machine (1049 s for 64 samples) against ~0.5 s in fp32; with the effective weights
+    the quality numbers are torchao's quantization executed in fp32 (measured against the kernel
+    in docs/peers.md)."""
+    import torch.nn.functional as F
+
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for n in names:
+            m = mods[n]
+            eye = torch.eye(m.in_features, dtype=torch.float32)
+            w_eff = F.linear(eye, m.weight).T.contiguous()
+            m.weight = nn.Parameter(w_eff, requires_grad=False)
+
+
+# ---------------------------------------------------------------------------------------- the context
+def _quantized_copy(ref, name: str, calib, log) -> tuple[nn.Module, dict[str, Any]]:
+    original = ref.denoiser.transformer
+    model = copy.deepcopy(original).eval()
+    t0 = time.perf_counter()
+    try:
+        if name.startswith("modelopt-"):
+            res = _modelopt_quantize(ref, name, calib, model, log)
+        else:
+            res = _torchao_quantize(name, model)
+    except PeerUnavailable:
+        raise
+    except Exception as exc:
+        raise PeerUnavailable(f"peer {name} ({_package(name)}) failed: {type(exc).__name__}: {exc}; "
+                              f"the versions this was measured with: {INSTALL_HINT}") from exc
+    finally:
+        ref.denoiser.transformer = original
+    info = peer_info(ref, name)
+    info.update(quantized_layers=len(res["weight_quantized"]),
+                activation_quantized_layers=len(res["input_quantized"]),
+                prepare_seconds=round(time.perf_counter() - t0, 2))
+    expected = {d["layer"] for d in info["skipped"]}
+    actual = set(_linears(original)) - set(res["weight_quantized"])
+    if actual != expected:  # the peer quantized another set than documented: say so, don't hide it
+        info["skipped"] = [dict(layer=n, reason=next((d["reason"] for d in info["skipped"] if d["layer"] == n),
+                                                     "not quantized by the peer")) for n in sorted(actual)]
+    if "dropped_exclusions" in res:
+        info["dropped_default_exclusions"] = res["dropped_exclusions"]
+        info["forward_loop_passes"] = res["forward_loop_passes"]
+    if info["uses_calibration"]:
+        d = calib.describe()
+        info["calibration"] = dict(samples=d["samples"], steps=d["steps"], guidance=d["guidance"], key=d["key"])
+    return res["model"], info
+
+
+@contextlib.contextmanager
+def peer_quantized(ref: Any, name: str, calib: Any, log: Callable[[str], None] | None = None
+                   ) -> Iterator[dict[str, Any]]:
+    """Within the context, ``ref.denoiser.transformer`` is a copy of it quantized by peer ``name``
+    (see the module docstring); the original is restored on exit, also on errors. Yields the
+    peer's :func:`peer_info` with what was actually quantized, ``prepare_seconds`` and the
+    calibration used. ``calib``: a :class:`~adatsq.passes.calibration.CalibrationSet` whose
+    denoiser is ``ref.denoiser`` (the modelopt peers' forward loop samples all of it; the torchao
+    peers quantize dynamically and ignore it). Raises :class:`PeerUnavailable` (an InputError)
+    when the peer's package is missing or the peer fails, InputError for an unknown name."""
+    _spec(name)
+    original = ref.denoiser.transformer
+    model, info = _quantized_copy(ref, name, calib, log)
+    if log is not None:
+        log(f"{name}: {info['package']}, {info['quantized_layers']}/{info['linear_layers']} linears quantized, "
+            f"prepared in {info['prepare_seconds']:.1f} s")
+    ref.denoiser.transformer = model
+    try:
+        yield info
+    finally:
+        ref.denoiser.transformer = original

@@ -29,9 +29,11 @@ import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 
 from ..errors import InputError
-from .annotations import register_annotation
+from .analysis import HessianRef, Sensitivity, layer_nodes
+from .annotations import annotate, get_annotation, register_annotation
 from .plan import Budget, Precision
 
 
@@ -301,8 +303,6 @@ def model_step_fn(calib: Any, switch: SwitchableLayers, groups: dict[str, list[s
     """The beam search's ``step_fn`` for a real model: one sampler step (CFG as the calibration set
     samples it) on the search samples' latents with the assignment's precisions; the error is the
     mean squared difference to the FP trajectory after that step (same noise, same condition)."""
-    import torch
-
     from ..frontend.sampling import flow_match_scheduler
 
     sched = flow_match_scheduler(calib.schedule)
@@ -331,20 +331,12 @@ class SearchOptions:
     levels: tuple[float, ...] = (0.75, 0.875, 1.0, 1.125, 1.25, 1.5)
 
 
-def _annotation_imports():
-    from .analysis import Sensitivity, layer_nodes
-    from .annotations import annotate, get_annotation, register_annotation
-
-    return Sensitivity, layer_nodes, annotate, get_annotation, register_annotation
-
-
 def sensitivity_table(graph: Any, lattice: Sequence[Precision]) -> tuple[dict[str, list[str]], np.ndarray]:
     """From the ``adatsq.sensitivity`` annotations: the layer groups (group -> layers, graph order)
     and the one-step error ``[S, G, P]`` of every group at every step for every lattice precision
     (0 for 16-bit). A lattice precision the analysis did not measure is an error naming it."""
     from .infra import PreconditionError
 
-    Sensitivity, layer_nodes, _, get_annotation, _ = _annotation_imports()
     groups: dict[str, list[str]] = {}
     errs: dict[str, Any] = {}
     for p, nodes in layer_nodes(graph).items():
@@ -371,10 +363,6 @@ def layer_transform_factory(transformer: Any, graph: Any, weights: str = "gptq-f
     """``make(param, precision) -> LayerTransform``: the weights a precision runs with. ``rtn``:
     round to nearest; ``gptq`` / ``gptq-fisher``: GPTQ with the uniform / Fisher-weighted Hessian
     of the ``adatsq.hessian`` annotations. Activations: per-token dynamic at the precision's bits."""
-    import torch
-
-    from .analysis import HessianRef, layer_nodes
-    from .annotations import get_annotation
     from .gptq import gptq
     from .quant import fake_quant_weight
     from .transforms import LayerTransform
@@ -408,8 +396,6 @@ def search_plan(graph: Any, calib: Any, fp_latents: Any, budget: Budget, options
     """Search a precision plan for the analysed ``graph`` (sensitivity and, for GPTQ weights,
     Hessian annotations) under ``budget``; annotates every layer node with ``adatsq.precision``.
     Returns (PrecisionPlan, SearchResult, groups)."""
-    import torch
-
     from ..frontend.layers import LayerTable
     from .plan import PrecisionPlan, fingerprint_graph
     from .transforms import transformed_layers
@@ -440,7 +426,6 @@ def search_plan(graph: Any, calib: Any, fp_latents: Any, budget: Budget, options
     assignment = tuple(tuple(lattice[asg[names.index(group_of[p])]].name for p in layers) for asg in res.policy)
     plan = PrecisionPlan(fingerprint_graph(graph), calib.schedule, tuple(lattice), layers, assignment, budget,
                          PrecisionPlan.averages(assignment, lattice, layers, table))
-    _, layer_nodes, annotate, _, _ = _annotation_imports()
     for p, nodes in layer_nodes(graph).items():
         value = LayerPrecision(p, group_of[p], tuple(row[layers.index(p)] for row in assignment))
         for node in nodes:

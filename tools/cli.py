@@ -269,7 +269,6 @@ def cmd_quantize(args) -> int:
 
     from ..errors import InputError
     from ..frontend.loading import REFERENCE_RESOLUTIONS
-    from ..frontend.reference import load_reference
     from ..passes.analysis import layer_nodes
     from ..passes.gptq import GPTQOptions
     from ..passes.weights import GPTQWeights
@@ -297,14 +296,15 @@ def cmd_quantize(args) -> int:
     except re.error as exc:
         raise InputError(f"quantize: --layers {args.layers!r} is not a regular expression ({exc})") from None
     console.print(f"analysis passes on {args.model} (cached after the first run) ...")
-    graph, res, _ = annotated_reference_graph(args.model, log=console.print)
-    transformer = load_reference(args.model).denoiser.transformer
+    graph, res, calib = annotated_reference_graph(args.model, log=console.print)
+    transformer = calib.denoiser.transformer  # the model the graph was analysed for
+    params = dict(transformer.named_parameters())
     layers = [i.param for i in res.table if i.kind == "linear" and (pat is None or pat.search(i.param))]
     if not layers:
         raise InputError(f"quantize: no linear layer matches {args.layers!r}")
     requests = {}
     for p in layers:
-        k = dict(transformer.named_parameters())[p].shape[1]
+        k = params[p].shape[1]
         g = args.group if args.group and k % args.group == 0 else None
         requests[p] = [(b, g) for b in bits]
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} copies"),

@@ -125,15 +125,15 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | Non
     analyses: dict = {}  # Fisher weighting -> (analysis result, calibration set)
     method_cache = MethodCache()  # calibration rows and smoothing searches shared by the variants
     clock = StepClock(schedule.num_steps)  # the step of per-step (timestep-aware) transforms
+    plans: dict = {}  # plan variant -> its loaded PrecisionPlan
     def generate(variant: str, w_bits: int, a_bits: int) -> np.ndarray:
         if variant == "fp":
             ctx = contextlib.nullcontext()
         elif variant.startswith("plan:"):  # a build directory: plan.json + weights.safetensors
-            from ..passes.plan import PrecisionPlan, fingerprint_model
             from ..passes.weights import load_weight_copies, plan_transforms
 
             d = Path(variant[len("plan:"):])
-            plan = PrecisionPlan.load(d / "plan.json")
+            plan = plans[variant] = PrecisionPlan.load(d / "plan.json")
             plan.check_model(fingerprint_model(transformer), table, where=str(d / "plan.json"))
             if plan.schedule.num_steps != schedule.num_steps:
                 raise InputError(f"eval: {d} plans {plan.schedule.num_steps} steps, the schedule has "
@@ -186,7 +186,7 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | Non
         pred = judge.predict(images[variant])
         per_class = {ref.classes[c]: float((pred[labels == c] == c).mean()) for c in sorted(set(class_ids))}
         if variant.startswith("plan:"):
-            plan_bits = PrecisionPlan.load(Path(variant[len("plan:"):]) / "plan.json").achieved
+            plan_bits = plans[variant].achieved
         else:
             plan_bits = PrecisionPlan.averages([[f"W{w_bits}A{a_bits}"] * len(linear_layers)],
                                                [Precision(f"W{w_bits}A{a_bits}", w_bits, a_bits)], linear_layers,

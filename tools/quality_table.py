@@ -105,6 +105,7 @@ def plot(result: dict[str, Any], methods: Sequence[str], bits: Sequence[str], pa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ..errors import AdatsqError
     from .baselines import PEERS
     from .cli import console, run_eval
     from .evaluate import EvalConfig, save_json
@@ -129,13 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.perf_counter()
         result, _, seconds = run_eval(cfg)
         wall = time.perf_counter() - t0
-    except Exception as exc:  # noqa: BLE001 - the CLI's error style
-        from ..errors import AdatsqError
-
-        if isinstance(exc, AdatsqError):
-            console.print(f"[red]error:[/] {exc}")
-            return 2
-        raise
+    except AdatsqError as exc:  # the CLI's error style: one line, exit code 2
+        console.print(f"[red]error:[/] {exc}")
+        return 2
     prefix = Path(args.out)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     md = markdown(result, methods, bits, peers, seconds, wall)

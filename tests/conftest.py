@@ -25,6 +25,9 @@ from adatsq.frontend.architectures import BUILTINS, Resolution
 from adatsq.frontend.export import export_model
 from adatsq.frontend.layers import LayerTable
 from adatsq.frontend.onnx_io import export_onnx
+from adatsq.tools.sysinfo import keep_freed_memory
+
+keep_freed_memory()  # as the CLI does: large tensors reuse freed heap (faster sampling tests)
 
 ARCHS = ("tiny-flux", "tiny-sd3", "tiny-pixart", "tiny-dit", "tiny-wan", "tiny-zimage")
 #: Z-Image takes Python lists of per-sample tensors: every dimension is static.

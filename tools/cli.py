@@ -712,6 +712,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export", "onnxscript"):
         logging.getLogger(name).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
+    from .sysinfo import keep_freed_memory
+
+    keep_freed_memory()  # large tensors reuse freed heap instead of fresh, page-faulting mmaps
     try:
         return args.func(args)
     except AdatsqError as exc:

@@ -120,6 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--peer", action="append", help=f"peers (default: {', '.join(PEERS)}); 'none' for none")
     ap.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.json, PREFIX.md, PREFIX.png")
     args = ap.parse_args(argv)
+    from .sysinfo import keep_freed_memory
+
+    keep_freed_memory()
     methods = tuple(args.method or BASELINES)
     bits = tuple(b.upper() for b in (args.bits or BITS))
     peers = () if args.peer == ["none"] else tuple(args.peer or PEERS)

@@ -110,6 +110,9 @@ class FluxFMNIST(nn.Module):
                     timestep=sigma.to(x.dtype), img_ids=self.img_ids, txt_ids=self.txt_ids)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        dev = self.img_ids.device
+        if x.device != dev:  # the model lives elsewhere (a GPU): latents cross the interface on their device
+            return self.forward(x.to(dev), sigma.to(dev), class_ids.to(dev)).to(x.device)
         out = self.transformer(**self.transformer_inputs(x, sigma, class_ids), return_dict=False)[0]
         return unpack(out, x.shape[-2], x.shape[-1], x.shape[1])
 

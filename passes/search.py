@@ -131,10 +131,12 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
                 candidates: Callable[[int], Sequence[Assignment]],
                 step_fn: Callable[[Any, int, Sequence[Assignment]], Sequence[tuple[Any, float]]],
                 initial_state: Any, beam: int = 4,
-                progress: Callable[[int, int], None] | None = None) -> SearchResult:
+                progress: Callable[[int, int], None] | None = None, static: bool = False) -> SearchResult:
     """Beam search (see the module docstring). ``step_fn(state, k, assignments)`` returns, for each
     assignment, the child state and its error after step ``k`` (batched so a model can evaluate
-    several children at once); ``candidates(k)`` lists the assignments tried at step ``k``."""
+    several children at once); ``candidates(k)`` lists the assignments tried at step ``k``.
+    ``static``: a policy repeats its first step's assignment at every step (no time dimension;
+    the candidates of step 0 are the only choices)."""
     if beam < 1:
         raise InputError(f"search: beam width must be >= 1, got {beam}")
     check_budget(lattice, budget)
@@ -158,7 +160,7 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
         children: list[Entry] = []
         for e in beam_entries:
             feasible = []
-            for c in cands:
+            for c in (cands if not (static and e.policy) else [e.policy[0]]):
                 dw, da = costs.step_bits(c, lattice)
                 if (e.w_spent + dw + left * min_w <= total_w + tol and
                         e.a_spent + da + left * min_a <= total_a + tol):
@@ -254,6 +256,10 @@ TARGETS: dict[str, tuple[Precision, ...]] = {
 }
 
 
+#: the weights a plan's quantized copies are made with (see :func:`layer_transform_factory`)
+WEIGHTS = ("rtn", "gptq", "gptq-fisher")
+
+
 def target_lattice(target: str) -> tuple[Precision, ...]:
     if target not in TARGETS:
         raise InputError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
@@ -329,6 +335,39 @@ class SearchOptions:
     beam: int = 4
     samples: int = 10  # search samples: the first seed of each condition, then the next seeds
     levels: tuple[float, ...] = (0.75, 0.875, 1.0, 1.125, 1.25, 1.5)
+    policy: str = "dynamic"  # see POLICIES
+
+    def validate(self) -> None:
+        if self.policy not in POLICIES:
+            raise InputError(f"search: unknown policy {self.policy!r} ({', '.join(POLICIES)})")
+        if self.beam < 1:
+            raise InputError(f"search: beam width must be >= 1, got {self.beam}")
+        if self.samples < 1:
+            raise InputError(f"search: samples must be >= 1, got {self.samples}")
+        target_lattice(self.target)
+
+
+#: the policy families the search may return (the ablations of the time and layer dimensions):
+#: ``dynamic`` per step and per layer group (AdaTSQ); ``per-step`` one precision for all groups at
+#: a step, changing over steps; ``per-layer`` a static mixed-precision assignment used at every
+#: step; ``uniform`` one precision everywhere
+POLICIES = ("dynamic", "per-step", "per-layer", "uniform")
+
+
+def policy_candidates(policy: str, errors: np.ndarray, lattice: Sequence[Precision], costs: Costs, budget: Budget,
+                      levels: Sequence[float]) -> Callable[[int], list[Assignment]]:
+    """``candidates(k)`` for the beam search under ``policy`` from the one-step sensitivity
+    ``errors[S, G, P]`` (static policies draw theirs from the errors summed over steps)."""
+    G = errors.shape[1]
+    top = max(levels)
+    uniform = [(p,) * G for p in range(len(lattice))
+               if lattice[p].w_bits <= top * budget.w_bits + 1e-9 and lattice[p].a_bits <= top * budget.a_bits + 1e-9]
+    if policy in ("per-step", "uniform"):
+        return lambda k: uniform
+    if policy == "per-layer":
+        static = allocation_candidates(errors.sum(0), lattice, costs, budget, levels)
+        return lambda k: static
+    return lambda k: allocation_candidates(errors[k], lattice, costs, budget, levels)
 
 
 def sensitivity_table(graph: Any, lattice: Sequence[Precision]) -> tuple[dict[str, list[str]], np.ndarray]:
@@ -359,35 +398,48 @@ def sensitivity_table(graph: Any, lattice: Sequence[Precision]) -> tuple[dict[st
     return groups, out
 
 
-def layer_transform_factory(transformer: Any, graph: Any, weights: str = "gptq-fisher") -> Callable:
+def layer_transform_factory(transformer: Any, graph: Any, weights: str = "gptq-fisher",
+                            prep: dict[str, Any] | None = None, group_size: int | None = None) -> Callable:
     """``make(param, precision) -> LayerTransform``: the weights a precision runs with. ``rtn``:
     round to nearest; ``gptq`` / ``gptq-fisher``: GPTQ with the uniform / Fisher-weighted Hessian
-    of the ``adatsq.hessian`` annotations. Activations: per-token dynamic at the precision's bits."""
+    of the ``adatsq.hessian`` annotations. Activations: per-token dynamic at the precision's bits.
+
+    With ``prep`` (param -> :class:`~adatsq.passes.weights.LayerPrep`), a layer's copies quantize
+    its smoothed low-rank residual and run with its smoothing and 16-bit branch; ``group_size``
+    quantizes in groups of that many inputs where it divides them (else per channel). The
+    quantized copies made are kept in ``make.copies[(param, bits, group)]`` for the weights pass."""
     from .gptq import gptq
-    from .quant import fake_quant_weight
+    from .quant import quantize_weight
     from .transforms import LayerTransform
 
-    if weights not in ("rtn", "gptq", "gptq-fisher"):
-        raise InputError(f"search: unknown weights {weights!r} (rtn, gptq, gptq-fisher)")
+    if weights not in WEIGHTS:
+        raise InputError(f"search: unknown weights {weights!r} ({', '.join(WEIGHTS)})")
     params = dict(transformer.named_parameters())
     nodes = layer_nodes(graph)
-    memo: dict = {}
+    prep = prep or {}
+    copies: dict = {}
 
     def make(param: str, prec: Precision):
-        key = (param, prec.w_bits)
         w = params[param].detach().float()
-        if key not in memo:
-            if prec.w_bits >= 16:
-                memo[key] = w
-            elif weights == "rtn":
-                memo[key] = fake_quant_weight(w, prec.w_bits)
+        if prec.w_bits >= 16:
+            return LayerTransform(w, prec.a_bits)  # 16-bit: the layer as it is
+        pr = prep.get(param)
+        wq = pr.residual(w) if pr is not None else w
+        group = group_size if group_size and wq.shape[1] % group_size == 0 else None
+        key = (param, prec.w_bits, group)
+        if key not in copies:
+            if weights == "rtn":
+                copies[key] = quantize_weight(wq, prec.w_bits, group)
             else:
                 h = get_annotation(nodes[param][0], HessianRef)
                 if h is None:
                     raise InputError(f"search: {param} has no Hessian for GPTQ weights (use weights='rtn')")
-                memo[key] = gptq(w, h.mean(1 if weights == "gptq-fisher" else 0), prec.w_bits).dequantize()
-        return LayerTransform(memo[key], prec.a_bits)
+                hm = h.mean(1 if weights == "gptq-fisher" else 0)
+                copies[key] = gptq(wq, pr.hessian(hm) if pr is not None else hm, prec.w_bits, group)
+        deq = copies[key].dequantize().reshape(wq.shape)
+        return pr.transform(deq, prec.a_bits) if pr is not None else LayerTransform(deq, prec.a_bits)
 
+    make.copies = copies
     return make
 
 
@@ -406,8 +458,7 @@ def search_plan(graph: Any, calib: Any, fp_latents: Any, budget: Budget, options
     costs = Costs(tuple(float(sum(table[p].params for p in ls)) for ls in groups.values()),
                   tuple(float(sum((table[p].macs or table[p].macs_per_token) for p in ls)) for ls in groups.values()))
     check_budget(lattice, budget)
-    if options.samples < 1:
-        raise InputError(f"search: samples must be >= 1, got {options.samples}")
+    options.validate()
     transformer = calib.denoiser.transformer
     make = make_transform or layer_transform_factory(transformer, graph)
     switch = SwitchableLayers({p: {prec.name: make(p, prec) for prec in lattice} for ls in groups.values()
@@ -418,8 +469,9 @@ def search_plan(graph: Any, calib: Any, fp_latents: Any, budget: Budget, options
     step_fn = model_step_fn(calib, switch, groups, lattice, fp_latents, samples)
     with transformed_layers(transformer, switch.transforms()):
         res = beam_search(calib.num_steps, lattice, costs, budget,
-                          lambda k: allocation_candidates(errors[k], lattice, costs, budget, options.levels),
-                          step_fn, fp_latents[0, samples].clone(), beam=options.beam, progress=progress)
+                          policy_candidates(options.policy, errors, lattice, costs, budget, options.levels),
+                          step_fn, fp_latents[0, samples].clone(), beam=options.beam, progress=progress,
+                          static=options.policy in ("per-layer", "uniform"))
     names = list(groups)
     group_of = {p: n for n, ls in groups.items() for p in ls}
     layers = tuple(table.names)

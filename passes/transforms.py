@@ -49,6 +49,12 @@ class LayerTransform:
         # K * b multiply-adds per token instead of K^2
         object.__setattr__(self, "_block", None if self.rotation is None else _repeated_block(self.rotation))
 
+    def to(self, device: torch.device | str) -> "LayerTransform":
+        """The same transform with its tensors on ``device``."""
+        mv = (lambda t: None if t is None else t.to(device))
+        return LayerTransform(self.weight.to(device), self.a_bits, mv(self.smooth), mv(self.rotation),
+                              None if self.low_rank is None else tuple(t.to(device) for t in self.low_rank))
+
     def input(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth is not None:
             x = x / self.smooth
@@ -193,6 +199,28 @@ class StepClock:
 
     def on_step(self, k: int, *_args) -> None:
         self.step = k + 1
+
+
+def transforms_to(transforms: Mapping[str, "LayerTransform | Sequence[LayerTransform]"], device: torch.device | str
+                  ) -> dict[str, "LayerTransform | list[LayerTransform]"]:
+    """``transforms`` (as :func:`transformed_layers` takes them) with every tensor on ``device``;
+    per-step lists keep their sharing (one moved object per distinct transform)."""
+    moved: dict[int, LayerTransform] = {}
+
+    def mv(t):
+        if id(t) not in moved:
+            moved[id(t)] = t.to(device)
+        return moved[id(t)]
+
+    out = {}
+    for p, tr in transforms.items():
+        if isinstance(tr, LayerTransform):
+            out[p] = mv(tr)
+        elif isinstance(tr, (list, tuple)):
+            out[p] = [mv(t) for t in tr]
+        else:
+            raise TypeError(f"{p}: cannot move a {type(tr).__name__} to {device}")
+    return out
 
 
 @contextlib.contextmanager

@@ -61,6 +61,76 @@ class WeightCopies:
     error: tuple[float, ...]
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerPrep:
+    """What one layer shares across every precision it runs at (AdaTSQ on an SVDQuant-style base):
+    a per-input-channel smoothing ``s`` [K] and a 16-bit low-rank branch ``A`` [O, r] ``B`` [r, K]
+    of the smoothed weight. The quantized copies are then copies of the residual
+    ``(W * s) - A B``; at run time ``y = Q_a(x / s) Q_w(residual)^T + ((x / s) B^T) A^T + b``
+    (:class:`~adatsq.passes.transforms.LayerTransform`). Sharing them keeps a layer that switches
+    precision across steps to one smoothing vector (folded into its producer) and one branch."""
+
+    smooth: torch.Tensor
+    low_rank: tuple[torch.Tensor, torch.Tensor] | None
+
+    def residual(self, w: torch.Tensor) -> torch.Tensor:
+        r = w.float() * self.smooth[None, :]
+        if self.low_rank is not None:
+            a, b = self.low_rank
+            r = (r.double() - a.double() @ b.double()).float()
+        return r
+
+    def hessian(self, h: torch.Tensor) -> torch.Tensor:
+        """The Hessian of the smoothed inputs ``x / s``: ``H / (s s^T)``."""
+        s = self.smooth.double()
+        return h / s[:, None] / s[None, :]
+
+    def transform(self, weight: torch.Tensor, a_bits: int):
+        from .transforms import LayerTransform
+
+        return LayerTransform(weight, a_bits, smooth=self.smooth, low_rank=self.low_rank)
+
+
+def prepare_layers(calib: Any, latents: torch.Tensor, layers: Iterable[str], w_bits: int, a_bits: int,
+                   rank: int = 32, samples: int = 4,
+                   progress: Callable[[str, int, int], None] | None = None) -> dict[str, LayerPrep]:
+    """A :class:`LayerPrep` for every Linear in ``layers``: SmoothQuant-style ``alpha`` searched
+    per layer on calibration rows (``samples`` samples replayed at the first, middle and last step
+    of the FP trajectory ``latents``) at ``w_bits``/``a_bits`` with RTN weights, then the top
+    ``rank`` singular directions of the smoothed weight kept in 16-bit."""
+    from .analysis import replay_inputs
+    from .transforms import low_rank_split, search_smoothing, transformed_weight
+
+    layers = list(layers)
+    transformer = calib.denoiser.transformer
+    params = dict(transformer.named_parameters())
+    missing = [p for p in layers if p not in params]
+    if missing:
+        raise InputError(f"prepare: {missing[0]} is not a parameter of the model")
+    if rank < 0:
+        raise InputError(f"prepare: the low-rank branch needs rank >= 0, got {rank}")
+    steps = sorted({0, calib.num_steps // 2, calib.num_steps - 1})
+    idx = range(min(samples, calib.num_samples))
+    rows: dict[str, list[torch.Tensor]] = {p: [] for p in layers}
+    for i, t in enumerate(steps):
+        for p, x in replay_inputs(calib, latents, t, layers, samples=idx).items():
+            rows[p].append(x.float())
+        if progress is not None:
+            progress("calibration rows", i + 1, len(steps))
+    out = {}
+    for i, p in enumerate(layers):
+        w = params[p].detach().float()
+        _, sm, _ = search_smoothing(torch.cat(rows.pop(p)), w, w_bits, a_bits)
+        lr = None
+        if rank > 0:
+            a, b, _ = low_rank_split(transformed_weight(w, sm), rank)
+            lr = (a, b)
+        out[p] = LayerPrep(sm, lr)
+        if progress is not None:
+            progress("smoothing + low rank", i + 1, len(layers))
+    return out
+
+
 def _packed(bits: int) -> bool:
     return bits <= 4
 
@@ -81,7 +151,9 @@ class GPTQWeights(Pass):
 
     def __init__(self, transformer: torch.nn.Module, requests: Mapping[str, Iterable[tuple[int, int | None]]],
                  path: str | Path, hessian: str = "fisher", options: GPTQOptions = GPTQOptions(),
-                 progress: Callable[[str, int, int], None] | None = None):
+                 progress: Callable[[str, int, int], None] | None = None,
+                 prep: Mapping[str, LayerPrep] | None = None,
+                 precomputed: Mapping[tuple[str, int, int | None], QuantizedWeight] | None = None):
         if hessian not in HESSIANS:
             raise InputError(f"weights: unknown Hessian {hessian!r} (known: {', '.join(HESSIANS)})")
         options.validate()
@@ -92,11 +164,19 @@ class GPTQWeights(Pass):
         self.options = options
         self.progress = progress or (lambda stage, done, total: None)
         self.seconds = 0.0
+        # per layer: smoothing + low-rank branch shared by its copies (the copies quantize the residual)
+        self.prep = {p: v for p, v in (prep or {}).items() if p in self.requests}
+        # copies already computed with the same Hessian and options (e.g. by the search): reused as they are
+        self.precomputed = dict(precomputed or {})
         params = dict(transformer.named_parameters())
         for p, copies in self.requests.items():  # bad requests fail here, before any work
             if p not in params:
                 raise InputError(f"weights: {p} is not a parameter of the model")
             k = params[p].reshape(params[p].shape[0], -1).shape[1]
+            pr = self.prep.get(p)
+            if pr is not None and (pr.smooth.shape != (k,) or (pr.low_rank is not None and (
+                    pr.low_rank[0].shape[0] != params[p].shape[0] or pr.low_rank[1].shape[1] != k))):
+                raise InputError(f"weights: {p}: smoothing / low-rank shapes do not fit its {tuple(params[p].shape)} weight")
             for bits, group in copies:
                 if not 2 <= bits <= 8:
                     raise InputError(f"weights: {p}: {bits}-bit copies are not integer-quantizable (2..8)")
@@ -139,16 +219,28 @@ class GPTQWeights(Pass):
             elif self.hessian == "uniform":
                 hq = hu
             norm = weighted_error(w, torch.zeros_like(w), hu) if hu is not None else float("nan")
+            pr = self.prep.get(p)
+            wq = w
+            if pr is not None:  # the copies quantize the residual of the smoothed weight, in x / s units
+                yield f"{p}.smooth", pr.smooth.float().contiguous()
+                if pr.low_rank is not None:
+                    yield f"{p}.low_rank_a", pr.low_rank[0].float().contiguous()
+                    yield f"{p}.low_rank_b", pr.low_rank[1].float().contiguous()
+                wq = pr.residual(w)
+                hu = pr.hessian(hu) if hu is not None else None
+                hq = pr.hessian(hq) if hq is not None else None
             rtn_err, err = [], []
             for bits, group in self.requests[p]:
-                rtn = quantize_weight(w, bits, group)
+                rtn = quantize_weight(wq, bits, group)
                 try:
-                    q = rtn if hq is None else gptq(w, hq, bits, group, self.options)
+                    q = self.precomputed.get((p, bits, group))
+                    if q is None:
+                        q = rtn if hq is None else gptq(wq, hq, bits, group, self.options)
                 except ValueError as exc:
                     raise InputError(f"weights: {p} at {bits} bits: {exc}") from None
                 if hu is not None:
-                    rtn_err.append(weighted_error(w, rtn.dequantize(), hu) / max(norm, 1e-30))
-                    err.append(weighted_error(w, q.dequantize(), hu) / max(norm, 1e-30))
+                    rtn_err.append(weighted_error(wq, rtn.dequantize(), hu) / max(norm, 1e-30))
+                    err.append(weighted_error(wq, q.dequantize().reshape(wq.shape), hu) / max(norm, 1e-30))
                 else:
                     rtn_err.append(float("nan"))
                     err.append(float("nan"))
@@ -167,9 +259,19 @@ class GPTQWeights(Pass):
         t0 = time.perf_counter()
         params = dict(self.transformer.named_parameters())
         nodes = layer_nodes(graph)
-        specs, index = [], []
+        specs, index, preps = [], [], []
         for p in (q for q in nodes if q in self.requests):
             o, k = params[p].shape[0], params[p].reshape(params[p].shape[0], -1).shape[1]
+            pr = self.prep.get(p)
+            if pr is not None:
+                specs.append((f"{p}.smooth", torch.float32, (k,)))
+                entry = dict(param=p, smooth=f"{p}.smooth", low_rank=None, rank=0)
+                if pr.low_rank is not None:
+                    r = pr.low_rank[0].shape[1]
+                    specs.append((f"{p}.low_rank_a", torch.float32, (o, r)))
+                    specs.append((f"{p}.low_rank_b", torch.float32, (r, k)))
+                    entry.update(low_rank=[f"{p}.low_rank_a", f"{p}.low_rank_b"], rank=r)
+                preps.append(entry)
             for bits, group in self.requests[p]:
                 name = copy_name(p, bits, group)
                 dtype, shape = _code_spec((o, k), bits)
@@ -177,7 +279,7 @@ class GPTQWeights(Pass):
                 specs.append((f"{name}.scales", torch.float32, (o, 1 if group is None else k // group)))
                 index.append(dict(name=name, param=p, bits=bits, group_size=group, shape=[o, k],
                                   weight_shape=list(params[p].shape), packed=_packed(bits)))
-        meta = {FORMAT: json.dumps(dict(version=1, hessian=self.hessian, copies=index,
+        meta = {FORMAT: json.dumps(dict(version=1, hessian=self.hessian, copies=index, preps=preps,
                                         gptq=dataclasses.asdict(self.options)))}
         stream_safetensors(self.path, specs, self._layer_copies(graph), meta)
         for p, (rtn_err, err) in self._errors.items():
@@ -196,6 +298,26 @@ class WeightCopyIndex:
     path: Path
     hessian: str
     copies: dict[tuple[str, int, int | None], dict]
+    preps: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+    def prep(self, param: str) -> LayerPrep | None:
+        """The layer's smoothing and low-rank branch, if its copies are of a residual."""
+        from safetensors import safe_open
+
+        entry = self.preps.get(param)
+        if entry is None:
+            return None
+        with safe_open(str(self.path), framework="pt") as f:
+            sm = f.get_tensor(entry["smooth"])
+            lr = tuple(f.get_tensor(n) for n in entry["low_rank"]) if entry.get("low_rank") else None
+        return LayerPrep(sm, lr)
+
+    def find(self, param: str, bits: int) -> QuantizedWeight:
+        """The ``bits``-bit copy of ``param``, whatever its group size (a plan names bits only)."""
+        groups = [g for (p, b, g) in self.copies if p == param and b == bits]
+        if not groups:
+            raise InputError(f"{self.path}: no {bits}-bit copy of {param} in this file")
+        return self.get(param, bits, groups[0])
 
     def get(self, param: str, bits: int, group_size: int | None = None) -> QuantizedWeight:
         from safetensors import safe_open
@@ -229,15 +351,18 @@ def load_weight_copies(path: str | Path) -> WeightCopyIndex:
     try:
         info = json.loads(meta[FORMAT])
         copies = {(c["param"], int(c["bits"]), c["group_size"]): c for c in info["copies"]}
+        preps = {e["param"]: e for e in info.get("preps", [])}
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: malformed '{FORMAT}' metadata ({exc})") from None
-    return WeightCopyIndex(path, info.get("hessian", "?"), copies)
+    return WeightCopyIndex(path, info.get("hessian", "?"), copies, preps)
 
 
 def plan_transforms(plan: Any, weights: WeightCopyIndex | None, transformer: torch.nn.Module) -> dict[str, list]:
     """Per layer, the :class:`~adatsq.passes.transforms.LayerTransform` of every step of ``plan``,
-    with the weight copies of ``weights`` (16-bit weights: the model's own); one object per
-    (layer, precision), shared by the steps that use it. Run with a StepClock."""
+    with the weight copies of ``weights`` (16-bit weights: the model's own; a layer with a
+    :class:`LayerPrep` in the file runs its smoothing and low-rank branch with its quantized
+    residual); one object per (layer, precision), shared by the steps that use it. Run with a
+    StepClock."""
     from .transforms import LayerTransform
 
     params = dict(transformer.named_parameters())
@@ -248,6 +373,7 @@ def plan_transforms(plan: Any, weights: WeightCopyIndex | None, transformer: tor
             raise InputError(f"plan: {param} is not a parameter of this model")
         made: dict[str, Any] = {}
         steps = []
+        prep = weights.prep(param) if weights is not None else None
         for row in plan.assignment:
             prec = by_name[row[i]]
             if prec.name not in made:
@@ -255,8 +381,11 @@ def plan_transforms(plan: Any, weights: WeightCopyIndex | None, transformer: tor
                 if prec.w_bits < 16:
                     if weights is None:
                         raise InputError(f"plan: {param} runs at {prec.name} but no weights file was given")
-                    w = weights.get(param, prec.w_bits).dequantize().reshape(w.shape).to(w.dtype)
-                made[prec.name] = LayerTransform(w, prec.a_bits)
+                    w = weights.find(param, prec.w_bits).dequantize().reshape(w.shape).to(w.dtype)
+                    made[prec.name] = (prep.transform(w, prec.a_bits) if prep is not None
+                                       else LayerTransform(w, prec.a_bits))
+                else:
+                    made[prec.name] = LayerTransform(w, prec.a_bits)
             steps.append(made[prec.name])
         out[param] = steps
     return out

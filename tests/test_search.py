@@ -160,3 +160,86 @@ def test_model_step_fn_reproduces_the_fp_trajectory_at_16_bits(analysed_tiny):
         for k in range(calib.num_steps):
             ((x, err),) = fn(x, k, [(4,)])  # lattice[4] is FP16
             assert err < 1e-10, (k, err)
+
+
+def test_static_policies_repeat_their_first_assignment():
+    e, costs = _toy(1)
+    S, G, P = e.shape
+    all_asg = list(itertools.product(range(P), repeat=G))
+
+    def step_fn(state, k, asgs):
+        return [(state + sum(e[k, g, a[g]] for g in range(G)),) * 2 for a in asgs]
+
+    budget = Budget(4.5, 4.5)
+    res = beam_search(S, LATTICE, costs, budget, lambda k: all_asg, step_fn, 0.0, beam=10 ** 6, static=True)
+    assert len(set(res.policy)) == 1  # one assignment at every step
+    # exact over static policies: the best single assignment repeated S times within budget
+    feasible = [a for a in all_asg if costs.averages([a], LATTICE).w_bits <= budget.w_bits + 1e-9
+                and costs.averages([a], LATTICE).a_bits <= budget.a_bits + 1e-9]
+    best = min(sum(e[t, g, a[g]] for t in range(S) for g in range(G)) for a in feasible)
+    assert res.error == pytest.approx(best, rel=1e-12)
+    dynamic = beam_search(S, LATTICE, costs, budget, lambda k: all_asg, step_fn, 0.0, beam=10 ** 6)
+    assert dynamic.error <= res.error + 1e-12  # the time dimension can only help
+
+
+def test_policy_candidates_and_options():
+    from adatsq.passes.search import SearchOptions, policy_candidates
+
+    e, costs = _toy(2, S=3, G=3)
+    budget = Budget(4.0, 4.0)
+    levels = (0.75, 1.0, 1.25)
+    for policy in ("per-step", "uniform"):
+        cands = policy_candidates(policy, e, LATTICE, costs, budget, levels)(1)
+        assert cands and all(len(set(c)) == 1 for c in cands)  # every group at one precision
+        assert (2, 2, 2) not in cands  # W8A8 everywhere is beyond 1.25 x W4A4
+    static = policy_candidates("per-layer", e, LATTICE, costs, budget, levels)
+    assert static(0) == static(2) == allocation_candidates(e.sum(0), LATTICE, costs, budget, levels)
+    dyn = policy_candidates("dynamic", e, LATTICE, costs, budget, levels)
+    assert dyn(2) == allocation_candidates(e[2], LATTICE, costs, budget, levels)
+    for bad, msg in ((dict(policy="sometimes"), "unknown policy"), (dict(beam=0), "beam width"),
+                     (dict(samples=0), "samples"), (dict(target="tpu"), "unknown target")):
+        with pytest.raises(InputError, match=msg):
+            SearchOptions(**bad).validate()
+
+
+def test_search_with_a_lowrank_base_scores_what_the_weights_pass_writes(analysed_tiny, tmp_path):
+    import torch
+
+    from adatsq.passes.analysis import layer_nodes
+    from adatsq.passes.search import SearchOptions, layer_transform_factory, search_plan
+    from adatsq.passes.weights import GPTQWeights, load_weight_copies, plan_transforms, prepare_layers
+
+    graph, calib, res = analysed_tiny
+    lat = res.results["trajectory"]
+    tr = calib.denoiser.transformer
+    params = dict(tr.named_parameters())
+    layers = [p for p in layer_nodes(graph) if params[p].ndim == 2]
+    prep = prepare_layers(calib, lat, layers, 4, 4, rank=4, samples=2)
+    assert set(prep) == set(layers) and all(v.low_rank[0].shape[1] == 4 for v in prep.values())
+    make = layer_transform_factory(tr, graph, "gptq-fisher", prep=prep, group_size=16)
+    plan, out, _ = search_plan(graph, calib, lat, Budget(4.0, 4.0), SearchOptions(beam=2, samples=2), make)
+    by_name = {p.name: p for p in plan.lattice}
+    reqs = {}
+    for i, p in enumerate(plan.layers):
+        g = 16 if params[p].shape[1] % 16 == 0 else None
+        bits = sorted({by_name[r[i]].w_bits for r in plan.assignment} - {16})
+        if bits:
+            reqs[p] = [(b, g) for b in bits]
+    path = tmp_path / "w.safetensors"
+    GPTQWeights(tr, reqs, path, hessian="fisher", prep=prep, precomputed=make.copies)(graph)
+    idx = load_weight_copies(path)
+    for p in reqs:
+        got = idx.prep(p)
+        assert torch.equal(got.smooth, prep[p].smooth) and torch.equal(got.low_rank[1], prep[p].low_rank[1])
+    # the plan replayed from the files runs exactly the transforms the search scored
+    replay = plan_transforms(plan, idx, tr)
+    g = torch.Generator().manual_seed(0)
+    for p in reqs:
+        x = torch.randn(2, 9, params[p].shape[1], generator=g)
+        for t in range(calib.num_steps):
+            prec = plan.precision(t, p)
+            scored = make(p, prec)
+            assert torch.equal(replay[p][t].weight, scored.weight), (p, t)
+            assert torch.equal(replay[p][t](x, None), scored(x, None)), (p, t)
+            if prec.w_bits < 16:
+                assert torch.equal(replay[p][t].smooth, prep[p].smooth)

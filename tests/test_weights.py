@@ -152,3 +152,34 @@ def test_stream_safetensors_checks_what_comes(tmp_path):
         with pytest.raises(ValueError, match="stream_safetensors"):
             stream_safetensors(tmp_path / "bad.safetensors", specs, iter(bad))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.safetensors"]
+
+
+def test_precomputed_copies_are_written_as_given_and_preps_round_trip(analysed, tmp_path):
+    from adatsq.passes.weights import LayerPrep
+
+    den, graph, layers = analysed
+    params = dict(den.transformer.named_parameters())
+    p = layers[1]
+    w = params[p].detach().float()
+    o, k = w.shape
+    g = torch.Generator().manual_seed(3)
+    prep = LayerPrep(torch.rand(k, generator=g) + 0.5, (torch.randn(o, 2, generator=g), torch.randn(2, k, generator=g)))
+    given = quantize_weight(prep.residual(w), 4)  # RTN of the residual, handed in as if the search made it
+    path = tmp_path / "p.safetensors"
+    GPTQWeights(den.transformer, {p: [(4, None), (8, None)]}, path, hessian="fisher", prep={p: prep},
+                precomputed={(p, 4, None): given})(graph)
+    idx = load_weight_copies(path)
+    assert torch.equal(idx.get(p, 4).codes, given.codes)  # reused, not recomputed
+    h = get_annotation(layer_nodes(graph)[p][0], HessianRef)
+    want8 = gptq(prep.residual(w), prep.hessian(h.mean(1)), 8)  # computed: GPTQ of the residual in x/s units
+    assert torch.equal(idx.find(p, 8).codes, want8.codes)
+    back = idx.prep(p)
+    assert torch.equal(back.smooth, prep.smooth) and all(torch.equal(a, b) for a, b in zip(back.low_rank, prep.low_rank))
+    assert idx.prep(layers[0]) is None
+    with pytest.raises(InputError, match="shapes do not fit"):
+        GPTQWeights(den.transformer, {p: [(4, None)]}, tmp_path / "bad.safetensors",
+                    prep={p: LayerPrep(torch.ones(k + 1), None)})
+    # the residual plus the branch is the smoothed weight: x W^T = (x/s) residual^T + ((x/s) B^T) A^T
+    x = torch.randn(5, k, generator=g)
+    y = (x / prep.smooth) @ prep.residual(w).T + ((x / prep.smooth) @ prep.low_rank[1].T) @ prep.low_rank[0].T
+    assert torch.allclose(y, x @ w.T, atol=1e-4)

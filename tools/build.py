@@ -27,8 +27,30 @@ class BuildOptions:
     beam: int = 4
     search_samples: int = 10
     weights: str = "gptq-fisher"  # the weights the search scores and the build writes
+    base: str = "lowrank"  # lowrank: smoothing + 16-bit low-rank branch + groups (SVDQuant-style); plain
+    rank: int = 32  # of the low-rank branch (base lowrank)
+    group_size: int = 64  # weight groups of the base lowrank (plain: per output channel)
+    policy: str = "dynamic"  # dynamic | per-step | per-layer | uniform (ablations)
     sensitivity_samples: int = 4
     cache_dir: str | None = None
+
+    def validate(self) -> None:
+        from ..passes.search import WEIGHTS, SearchOptions, check_budget, parse_budget, target_lattice
+
+        check_budget(target_lattice(self.target), parse_budget(self.budget))
+        SearchOptions(self.target, self.beam, self.search_samples, policy=self.policy).validate()
+        if self.weights not in WEIGHTS:
+            raise InputError(f"build: unknown weights {self.weights!r} ({', '.join(WEIGHTS)})")
+        if self.base not in BASES:
+            raise InputError(f"build: unknown base {self.base!r} ({', '.join(BASES)})")
+        if self.rank < 0 or self.group_size < 0 or self.sensitivity_samples < 1:
+            raise InputError("build: rank and group size must be >= 0, sensitivity samples >= 1")
+
+
+#: how each precision's weights are built: ``lowrank`` AdaTSQ on an SVDQuant-style base (per layer
+#: a searched smoothing and a 16-bit rank-r branch shared by all its precisions; GPTQ on the
+#: residual in groups); ``plain`` GPTQ of the weight itself, per output channel
+BASES = ("lowrank", "plain")
 
 
 def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = print,
@@ -39,14 +61,13 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     from ..passes.analysis import AnalysisOptions, analyze
     from ..passes.cache import default_cache_root
     from ..passes.calibration import reference_calibration
-    from ..passes.search import (SearchOptions, check_budget, layer_transform_factory, parse_budget, search_plan,
-                                 target_lattice)
-    from ..passes.weights import GPTQWeights
+    from ..passes.search import SearchOptions, layer_transform_factory, parse_budget, search_plan, target_lattice
+    from ..passes.weights import GPTQWeights, prepare_layers
     from .io import atomic_write_text
 
+    opts.validate()  # bad options and an infeasible budget fail before any work
     budget = parse_budget(opts.budget)
     lattice = target_lattice(opts.target)
-    check_budget(lattice, budget)  # an infeasible budget fails before any work
     if opts.model not in REFERENCE_RESOLUTIONS:
         raise InputError(f"build: {opts.model!r} is not a reference model with a calibration set "
                          f"({', '.join(REFERENCE_RESOLUTIONS)})")
@@ -65,28 +86,41 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     res = analyze(graph, calib, aopts, cache_dir=opts.cache_dir or default_cache_root(), log=log,
                   progress=lambda stage, done, total: prog(f"analysis: {stage}", done, total))
     timings["analysis"] = time.perf_counter() - t
+    prep, group = None, None
+    if opts.base == "lowrank":
+        t = time.perf_counter()
+        # smoothing searched at the budget's precision (rounded), shared by every precision of a layer
+        ref_bits = (max(2, round(budget.w_bits)), max(2, round(budget.a_bits)))
+        prep = prepare_layers(calib, res.results["trajectory"], linear_layers(graph, ref.denoiser.transformer), *ref_bits,
+                              rank=opts.rank, progress=lambda stage, done, total: prog(f"base: {stage}", done, total))
+        group = opts.group_size or None
+        timings["base"] = time.perf_counter() - t
     t = time.perf_counter()
-    make = layer_transform_factory(ref.denoiser.transformer, graph, opts.weights)
+    make = layer_transform_factory(ref.denoiser.transformer, graph, opts.weights, prep=prep, group_size=group)
     plan, sres, groups = search_plan(graph, calib, res.results["trajectory"], budget,
-                                     SearchOptions(opts.target, opts.beam, opts.search_samples), make,
-                                     progress=lambda done, total: prog("search", done, total))
+                                     SearchOptions(opts.target, opts.beam, opts.search_samples, policy=opts.policy),
+                                     make, progress=lambda done, total: prog("search", done, total))
     timings["search"] = time.perf_counter() - t
     t = time.perf_counter()
     by_name = {p.name: p for p in plan.lattice}
     requests: dict[str, list] = {}
+    params = dict(ref.denoiser.transformer.named_parameters())
     for i, p in enumerate(plan.layers):
         bits = {by_name[row[i]].w_bits for row in plan.assignment}
-        requests[p] = [(b, None) for b in sorted(bits) if b < 16]
+        g = group if group and params[p].shape[1] % group == 0 else None
+        requests[p] = [(b, g) for b in sorted(bits) if b < 16]
     requests = {p: v for p, v in requests.items() if v}
     hess = "none" if opts.weights == "rtn" else ("uniform" if opts.weights == "gptq" else "fisher")
+    # the copies the search scored are written as they are (same Hessian, same residual)
     wpass = GPTQWeights(ref.denoiser.transformer, requests, out / "weights.safetensors", hessian=hess,
-                        progress=lambda stage, done, total: prog("weights", done, total))
+                        progress=lambda stage, done, total: prog("weights", done, total), prep=prep,
+                        precomputed=make.copies)
     wpass(graph)
     timings["weights"] = time.perf_counter() - t
     plan.save(out / "plan.json")
     plot_plan(plan, groups, out / "plan.png")
     plot_pareto(sres, out / "pareto.png")
-    report = dict(format="adatsq.build-report", version=1, options=dataclasses.asdict(opts),
+    report = dict(format="adatsq.build-report", version=1, options=dataclasses.asdict(opts), policy=plan_policy(plan),
                   budget=dataclasses.asdict(budget), achieved=dataclasses.asdict(plan.achieved),
                   search=dict(final_error=sres.error, evaluations=sres.evaluations, front=sres.front,
                               groups={n: ls for n, ls in groups.items()}),
@@ -95,6 +129,25 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
                   seconds={k: round(v, 2) for k, v in timings.items()})
     atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
     return report
+
+
+def linear_layers(graph, transformer) -> list[str]:
+    """The graph's layers with a 2-D weight (the ones a smoothing and low-rank branch apply to)."""
+    from ..passes.analysis import layer_nodes
+
+    params = dict(transformer.named_parameters())
+    return [p for p in layer_nodes(graph) if p in params and params[p].ndim == 2]
+
+
+def plan_policy(plan) -> dict[str, Any]:
+    """How a plan uses time and layers: distinct assignments over steps, precisions used, per-step
+    weight/activation averages are in the plan itself."""
+    from collections import Counter
+
+    cells = Counter(name for row in plan.assignment for name in row)
+    total = sum(cells.values())
+    return dict(distinct_step_assignments=len(set(plan.assignment)),
+                precision_share={k: round(v / total, 4) for k, v in sorted(cells.items())})
 
 
 def plot_plan(plan, groups: dict[str, list[str]], path: Path) -> None:

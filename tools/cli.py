@@ -238,7 +238,7 @@ def cmd_eval(args) -> int:
     variants += [f"plan:{d}" for d in (args.plan or [])]
     cfg = EvalConfig(model=args.model, variants=tuple(variants or ("fp",)), n=args.n, classes=classes,
                      seed=args.seed, steps=args.steps, guidance=args.guidance, batch=args.batch,
-                     keep_going=args.keep_going)
+                     keep_going=args.keep_going, device=args.device)
     cfg.validate()  # before loading anything
     result, images, seconds = run_eval(cfg)
     md = markdown(result, seconds)
@@ -348,17 +348,13 @@ def cmd_quantize(args) -> int:
 def cmd_build(args) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..passes.search import check_budget, parse_budget, target_lattice
     from .build import BuildOptions, build
 
     opts = BuildOptions(model=args.model, budget=args.budget, target=args.target, beam=args.beam,
-                        search_samples=args.search_samples, weights=args.weights,
+                        search_samples=args.search_samples, weights=args.weights, base=args.base, rank=args.rank,
+                        group_size=args.group_size, policy=args.policy,
                         sensitivity_samples=args.sensitivity_samples, cache_dir=args.cache)
-    check_budget(target_lattice(opts.target), parse_budget(opts.budget))  # bad input fails before any work
-    from ..errors import InputError
-
-    if opts.beam < 1 or opts.search_samples < 1 or opts.sensitivity_samples < 1:
-        raise InputError("build: --beam, --search-samples and --sensitivity-samples must be >= 1")
+    opts.validate()  # bad input fails before any work
     tasks = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as progress:
@@ -625,6 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also evaluate the plan of an `adatsq build` directory (repeatable)")
     pv.add_argument("--keep-going", action="store_true",
                     help="record a variant that cannot run (e.g. a peer not installed) and go on")
+    pv.add_argument("--device", default="cpu",
+                    help="where sampling runs: cpu (default) or cuda[:N]; quantized weights are prepared on the "
+                    "CPU either way, the peers run on the CPU only")
     pv.set_defaults(func=cmd_eval)
 
     pq = sub.add_parser("quantize", help="GPTQ weight copies (Fisher-weighted Hessian by default) of every linear "
@@ -650,7 +649,17 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--target", default="simulate", help="simulate (default), tensorrt, onnxruntime, torch-cuda")
     pb.add_argument("--beam", type=int, default=4, help="beam width K (default 4)")
     pb.add_argument("--search-samples", type=int, default=10, help="calibration samples the search scores on")
-    pb.add_argument("--weights", choices=("gptq-fisher", "gptq", "rtn"), default="gptq-fisher")
+    pb.add_argument("--weights", choices=("gptq-fisher", "gptq", "rtn"), default="gptq-fisher",
+                    help="GPTQ Hessian of the quantized copies: Fisher-weighted (AdaTSQ, default), uniform, or RTN")
+    pb.add_argument("--base", choices=("lowrank", "plain"), default="lowrank",
+                    help="lowrank (default): per layer a searched smoothing and a 16-bit low-rank branch shared by "
+                         "all its precisions, the residual quantized in groups (SVDQuant-style); plain: the weight "
+                         "itself, per output channel")
+    pb.add_argument("--rank", type=int, default=32, help="rank of the low-rank branch (default 32)")
+    pb.add_argument("--group-size", type=int, default=64, help="weight group size of the lowrank base (default 64)")
+    pb.add_argument("--policy", choices=("dynamic", "per-step", "per-layer", "uniform"), default="dynamic",
+                    help="dynamic (per step and layer group, default); ablations: per-step (one precision for all "
+                         "layers at a step), per-layer (static mixed precision), uniform")
     pb.add_argument("--sensitivity-samples", type=int, default=4)
     pb.add_argument("--cache", metavar="DIR", help="analysis cache (default $ADATSQ_CACHE or ~/.cache/adatsq/analysis)")
     pb.set_defaults(func=cmd_build)

@@ -34,7 +34,7 @@ import torch
 
 from ..errors import InputError
 from . import fmnist
-from ..passes.transforms import StepClock, transformed_layers
+from ..passes.transforms import StepClock, transformed_layers, transforms_to
 from .baselines import MethodCache, method_transforms, parse_variant, reference_analysis, variant_method
 from .sysinfo import cpu_name
 
@@ -52,6 +52,7 @@ class EvalConfig:
     guidance: float | None = None  # None: the model's schedule
     batch: int = 64
     keep_going: bool = False  # a variant that fails with an InputError is recorded, not fatal
+    device: str = "cpu"  # where sampling runs (transforms are prepared on the CPU, then moved)
 
     def validate(self) -> None:
         if not isinstance(self.n, int) or self.n <= 0:
@@ -62,6 +63,14 @@ class EvalConfig:
             raise InputError(f"eval: batch must be positive, got {self.batch}")
         if self.steps is not None and self.steps <= 0:
             raise InputError(f"eval: steps must be positive, got {self.steps}")
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise InputError(f"eval: unknown device {self.device!r}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"eval: device {self.device!r} requested but torch sees no CUDA device")
+        if dev.type not in ("cpu", "cuda"):
+            raise InputError(f"eval: device {self.device!r}: only cpu and cuda are supported")
         for v in self.variants:
             if v.startswith("plan:"):
                 d = Path(v[len("plan:"):])
@@ -126,6 +135,11 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | Non
     method_cache = MethodCache()  # calibration rows and smoothing searches shared by the variants
     clock = StepClock(schedule.num_steps)  # the step of per-step (timestep-aware) transforms
     plans: dict = {}  # plan variant -> its loaded PrecisionPlan
+    device = torch.device(cfg.device)
+
+    def on_device(transforms):
+        return transforms if device.type == "cpu" else transforms_to(transforms, device)
+
     def generate(variant: str, w_bits: int, a_bits: int) -> np.ndarray:
         if variant == "fp":
             ctx = contextlib.nullcontext()
@@ -139,23 +153,28 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | Non
                 raise InputError(f"eval: {d} plans {plan.schedule.num_steps} steps, the schedule has "
                                  f"{schedule.num_steps}")
             wfile = d / "weights.safetensors"
-            ctx = transformed_layers(transformer, plan_transforms(
-                plan, load_weight_copies(wfile) if wfile.is_file() else None, transformer), clock)
+            ctx = transformed_layers(transformer, on_device(plan_transforms(
+                plan, load_weight_copies(wfile) if wfile.is_file() else None, transformer)), clock)
         elif variant_method(variant) == "peer":  # a third-party quantizer on a copy of the model
             from ..passes.calibration import reference_calibration
             from .peers import peer_quantized
 
+            if device.type != "cpu":
+                raise InputError(f"{variant}: the peers run on the CPU only (use --device cpu)")
             ctx = peer_quantized(ref, variant, reference_calibration(ref))
         else:  # methods other than RTN use the analysis passes (cached), computed once per run
             method = variant_method(variant)
             weighting = "latent" if method == "gptq-fisher-latent" else "loss"
             if method != "rtn" and weighting not in analyses:
                 analyses[weighting] = reference_analysis(cfg.model, fisher_weighting=weighting)
-            ctx = transformed_layers(transformer, method_transforms(
+            ctx = transformed_layers(transformer, on_device(method_transforms(
                 transformer, method, w_bits, a_bits, linear_layers, *analyses.get(weighting, (None, None)),
-                cache=method_cache), clock)
+                cache=method_cache)), clock)
         out = []
-        with ctx:
+        ref.denoiser.to(device)  # transforms were made from the CPU weights; sampling runs on the device
+        with contextlib.ExitStack() as stack:
+            stack.callback(ref.denoiser.to, "cpu")
+            stack.enter_context(ctx)
             for start in range(0, cfg.n, cfg.batch):
                 sl = slice(start, min(cfg.n, start + cfg.batch))
 
@@ -209,7 +228,8 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | Non
         judge=dict(test_accuracy=judge.info.get("test_accuracy"), features=judge.info.get("feature_dim"),
                    fid_reference="Fashion-MNIST test split (10000 images), judge penultimate features"),
         variants=rows,
-        environment=dict(cpu=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__),
+        environment=dict(cpu=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
+                         device=(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")),
     )
     return _round(result), images, seconds
 

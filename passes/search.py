@@ -25,7 +25,6 @@ Costs: weight bits are weighted by parameters, activation bits by MACs, over gro
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -280,17 +279,30 @@ def parse_budget(text: str) -> Budget:
 class SwitchableLayers:
     """Per layer, one :class:`~adatsq.passes.transforms.LayerTransform` per precision; ``select``
     sets which one every layer runs (used inside :func:`~adatsq.passes.transforms.transformed_layers`
-    through :meth:`transforms`)."""
+    through :meth:`transforms`). ``select_chunks`` runs several selections in one batch: the
+    batch is cut into chunks of ``rows`` samples and chunk ``i`` runs selection ``i % len``."""
 
     def __init__(self, options: dict[str, dict[str, Any]]):
         self.options = options  # param -> precision name -> LayerTransform
         self.current: dict[str, str] = {p: next(iter(o)) for p, o in options.items()}
+        self.chunks: dict[str, list[str]] | None = None
+        self.rows = 0
 
-    def select(self, precisions: dict[str, str]) -> None:
+    def _check(self, precisions: dict[str, str]) -> None:
         for p, name in precisions.items():
             if name not in self.options[p]:
                 raise InputError(f"{p}: no weights prepared for precision {name}")
-            self.current[p] = name
+
+    def select(self, precisions: dict[str, str]) -> None:
+        self._check(precisions)
+        self.current.update(precisions)
+        self.chunks = None
+
+    def select_chunks(self, selections: Sequence[dict[str, str]], rows: int) -> None:
+        for sel in selections:
+            self._check(sel)
+        self.chunks = {p: [sel.get(p, self.current[p]) for sel in selections] for p in self.options}
+        self.rows = int(rows)
 
     def transforms(self) -> dict[str, Any]:
         return {p: _Switch(self, p) for p in self.options}
@@ -301,29 +313,54 @@ class _Switch:
         self.layers, self.param = layers, param
 
     def __call__(self, x, bias):
-        return self.layers.options[self.param][self.layers.current[self.param]](x, bias)
+        sw = self.layers
+        opts = sw.options[self.param]
+        if sw.chunks is None:
+            return opts[sw.current[self.param]](x, bias)
+        names = sw.chunks[self.param]
+        if x.shape[0] % sw.rows:
+            raise RuntimeError(f"{self.param}: a batch of {x.shape[0]} rows does not split into chunks of {sw.rows}")
+        parts = x.split(sw.rows)
+        out, i = [], 0
+        while i < len(parts):  # consecutive chunks at one precision run as one call
+            j = i + 1
+            while j < len(parts) and names[j % len(names)] == names[i % len(names)]:
+                j += 1
+            out.append(opts[names[i % len(names)]](torch.cat(parts[i:j]) if j - i > 1 else parts[i], bias))
+            i = j
+        return torch.cat(out)
 
 
 def model_step_fn(calib: Any, switch: SwitchableLayers, groups: dict[str, list[str]], lattice: Sequence[Precision],
-                  fp_latents: Any, samples: Sequence[int]) -> Callable:
+                  fp_latents: Any, samples: Sequence[int], max_batch: int = 8) -> Callable:
     """The beam search's ``step_fn`` for a real model: one sampler step (CFG as the calibration set
     samples it) on the search samples' latents with the assignment's precisions; the error is the
-    mean squared difference to the FP trajectory after that step (same noise, same condition)."""
+    mean squared difference to the FP trajectory after that step (same noise, same condition).
+    Up to ``max_batch`` assignments are evaluated in one batched model call (each on its own chunk
+    of the batch, :meth:`SwitchableLayers.select_chunks`)."""
     from ..frontend.sampling import flow_match_scheduler
 
     sched = flow_match_scheduler(calib.schedule)
     sigmas = sched.sigmas.float()  # the sampler's own float32 step sizes
     names = list(groups)
     idx = list(samples)
+    n = len(idx)
 
     def step_fn(state, k, assignments):
         out = []
-        for asg in assignments:
-            switch.select({p: lattice[asg[g]].name for g, n in enumerate(names) for p in groups[n]})
+        for start in range(0, len(assignments), max_batch):
+            chunk = assignments[start:start + max_batch]
+            m = len(chunk)
+            switch.select_chunks([{p: lattice[asg[g]].name for g, nm in enumerate(names) for p in groups[nm]}
+                                  for asg in chunk], rows=n)
             with torch.inference_mode():
-                v = calib.guided(calib.denoiser(*calib.model_inputs(state, k, idx)))
-                x = state + (sigmas[k + 1] - sigmas[k]) * v
-            out.append((x, float((x - fp_latents[k + 1, idx]).square().mean())))
+                xs = torch.cat([state] * m)
+                v = calib.guided(calib.denoiser(*calib.model_inputs(xs, k, idx * m)))
+                x = xs + (sigmas[k + 1] - sigmas[k]) * v
+            ref = fp_latents[k + 1, idx]
+            for j, xj in enumerate(x.split(n)):
+                out.append((xj, float((xj - ref).square().mean())))
+        switch.chunks = None
         return out
 
     return step_fn

@@ -168,11 +168,14 @@ def test_quantize_errors(tmp_path):
 def test_build_errors(tmp_path):
     out = tmp_path / "b"
     for args, msg in ((("--budget", "four"), "expected W<bits>A<bits>"), (("--target", "tpu"), "unknown target 'tpu'"),
-                      (("--budget", "W2A2"), "infeasible budget W2A2"), (("--beam", "0"), "must be >= 1")):
+                      (("--budget", "W2A2"), "infeasible budget W2A2"), (("--beam", "0"), "must be >= 1"),
+                      (("--rank", "-1"), "rank and group size must be >= 0")):
         r = run_cli("build", "flux-fmnist", "-o", str(out), *args)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     r = run_cli("build", "tiny-flux", "-o", str(out))
     assert r.returncode == 2 and "not a reference model" in r.stderr
     r = run_cli("eval", "-n", "4", "--plan", str(out))
     assert r.returncode == 2 and "not a build directory" in r.stderr
+    r = run_cli("eval", "-n", "4", "--device", "tpu")
+    assert r.returncode == 2 and "device 'tpu'" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()

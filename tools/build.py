@@ -62,6 +62,8 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     from ..passes.cache import default_cache_root
     from ..passes.calibration import reference_calibration
     from ..passes.search import SearchOptions, layer_transform_factory, parse_budget, search_plan, target_lattice
+    from ..passes.cache import options_key
+    from ..passes.plan import fingerprint_graph
     from ..passes.weights import GPTQWeights, prepare_layers
     from .io import atomic_write_text
 
@@ -79,6 +81,7 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     graph = export_model(opts.model)
     timings["export"] = time.perf_counter() - t
     calib = reference_calibration(ref)
+    cache_root = Path(opts.cache_dir) if opts.cache_dir else default_cache_root()
     quantized = tuple(p.name for p in lattice if p.w_bits < 16 or p.a_bits < 16)
     aopts = AnalysisOptions(hessian="weighted", precisions=quantized, sensitivity_samples=opts.sensitivity_samples,
                             e2e_steps=0, groups="block")
@@ -86,20 +89,38 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     res = analyze(graph, calib, aopts, cache_dir=opts.cache_dir or default_cache_root(), log=log,
                   progress=lambda stage, done, total: prog(f"analysis: {stage}", done, total))
     timings["analysis"] = time.perf_counter() - t
+    # the build's own stages are cached beside the analysis, keyed by everything they depend on
+    stage_cache = BuildCache(cache_root / f"{fingerprint_graph(graph).short}-{calib.key()}" / "builds" /
+                             options_key(dict(build=BUILD_CACHE_VERSION, analysis=dataclasses.asdict(aopts),
+                                              **{k: v for k, v in dataclasses.asdict(opts).items()
+                                                 if k != "cache_dir"})))
     prep, group = None, None
     if opts.base == "lowrank":
         t = time.perf_counter()
-        # smoothing searched at the budget's precision (rounded), shared by every precision of a layer
-        ref_bits = (max(2, round(budget.w_bits)), max(2, round(budget.a_bits)))
-        prep = prepare_layers(calib, res.results["trajectory"], linear_layers(graph, ref.denoiser.transformer), *ref_bits,
-                              rank=opts.rank, progress=lambda stage, done, total: prog(f"base: {stage}", done, total))
+        prep = stage_cache.load_prep()
+        if prep is None:
+            # smoothing searched at the budget's precision (rounded), shared by every precision of a layer
+            ref_bits = (max(2, round(budget.w_bits)), max(2, round(budget.a_bits)))
+            prep = prepare_layers(calib, res.results["trajectory"], linear_layers(graph, ref.denoiser.transformer),
+                                  *ref_bits, rank=opts.rank,
+                                  progress=lambda stage, done, total: prog(f"base: {stage}", done, total))
+            stage_cache.save_prep(prep)
+        else:
+            log("base: smoothing and low-rank branches from the cache")
         group = opts.group_size or None
         timings["base"] = time.perf_counter() - t
     t = time.perf_counter()
     make = layer_transform_factory(ref.denoiser.transformer, graph, opts.weights, prep=prep, group_size=group)
-    plan, sres, groups = search_plan(graph, calib, res.results["trajectory"], budget,
-                                     SearchOptions(opts.target, opts.beam, opts.search_samples, policy=opts.policy),
-                                     make, progress=lambda done, total: prog("search", done, total))
+    cached = stage_cache.load_search(graph)
+    if cached is None:
+        plan, sres, groups = search_plan(graph, calib, res.results["trajectory"], budget,
+                                         SearchOptions(opts.target, opts.beam, opts.search_samples,
+                                                       policy=opts.policy),
+                                         make, progress=lambda done, total: prog("search", done, total))
+        stage_cache.save_search(plan, sres, groups)
+    else:
+        plan, sres, groups = cached
+        log("search: plan from the cache")
     timings["search"] = time.perf_counter() - t
     t = time.perf_counter()
     by_name = {p.name: p for p in plan.lattice}
@@ -112,10 +133,14 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     requests = {p: v for p, v in requests.items() if v}
     hess = "none" if opts.weights == "rtn" else ("uniform" if opts.weights == "gptq" else "fisher")
     # the copies the search scored are written as they are (same Hessian, same residual)
-    wpass = GPTQWeights(ref.denoiser.transformer, requests, out / "weights.safetensors", hessian=hess,
-                        progress=lambda stage, done, total: prog("weights", done, total), prep=prep,
-                        precomputed=make.copies)
-    wpass(graph)
+    if not stage_cache.copy_weights(out / "weights.safetensors"):
+        wpass = GPTQWeights(ref.denoiser.transformer, requests, out / "weights.safetensors", hessian=hess,
+                            progress=lambda stage, done, total: prog("weights", done, total), prep=prep,
+                            precomputed=make.copies)
+        wpass(graph)
+        stage_cache.keep_weights(out / "weights.safetensors")
+    else:
+        log("weights: copies from the cache")
     timings["weights"] = time.perf_counter() - t
     plan.save(out / "plan.json")
     plot_plan(plan, groups, out / "plan.png")
@@ -129,6 +154,125 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
                   seconds={k: round(v, 2) for k, v in timings.items()})
     atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
     return report
+
+
+#: bump when what a cached build stage holds changes
+BUILD_CACHE_VERSION = 1
+
+
+class BuildCache:
+    """The build's stage outputs (base smoothing/low-rank, search result, weight copies) in one
+    folder per build key; ``None`` folder: nothing cached. Files are written atomically; a file
+    that cannot be read is recomputed, never trusted."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+
+    def _file(self, name: str) -> Path | None:
+        return None if self.folder is None else self.folder / name
+
+    def load_prep(self):
+        from ..passes.weights import LayerPrep
+
+        f = self._file("prep.safetensors")
+        if f is None or not f.is_file():
+            return None
+        try:
+            from safetensors.torch import load_file
+
+            t = load_file(str(f))
+        except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
+            return None
+        params = sorted({k.rsplit(".", 1)[0] for k in t if k.endswith(".smooth")})
+        return {p: LayerPrep(t[f"{p}.smooth"], (t[f"{p}.low_rank_a"], t[f"{p}.low_rank_b"])
+                             if f"{p}.low_rank_a" in t else None) for p in params}
+
+    def save_prep(self, prep) -> None:
+        f = self._file("prep.safetensors")
+        if f is None:
+            return
+        from safetensors.torch import save_file
+
+        from .io import atomic_write
+
+        tensors = {}
+        for p, v in prep.items():
+            tensors[f"{p}.smooth"] = v.smooth.contiguous()
+            if v.low_rank is not None:
+                tensors[f"{p}.low_rank_a"], tensors[f"{p}.low_rank_b"] = (t.contiguous() for t in v.low_rank)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(f, lambda tmp: save_file(tensors, str(tmp)))
+
+    def load_search(self, graph):
+        from ..passes.annotations import annotate
+        from ..passes.analysis import layer_nodes
+        from ..passes.plan import PrecisionPlan
+        from ..passes.search import LayerPrecision, SearchResult
+
+        f = self._file("search.json")
+        pf = self._file("plan.json")
+        if f is None or not f.is_file() or not pf.is_file():
+            return None
+        try:
+            plan = PrecisionPlan.load(pf)
+            d = json.loads(f.read_text())
+            from ..passes.plan import Budget
+
+            sres = SearchResult(tuple(tuple(a) for a in d["policy"]), d["error"], Budget(**d["achieved"]),
+                                [tuple(e) for e in d["explored"]], [tuple(e) for e in d["front"]], d["evaluations"])
+            groups = {k: list(v) for k, v in d["groups"].items()}
+        except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
+            return None
+        group_of = {p: n for n, ls in groups.items() for p in ls}
+        for p, nodes in layer_nodes(graph).items():  # the annotations the search pass would have written
+            value = LayerPrecision(p, group_of.get(p, p), tuple(plan.precision(t, p).name
+                                                               for t in range(len(plan.assignment))))
+            for node in nodes:
+                annotate(node, value)
+        return plan, sres, groups
+
+    def save_search(self, plan, sres, groups) -> None:
+        f = self._file("search.json")
+        if f is None:
+            return
+        from .io import atomic_write_text
+
+        f.parent.mkdir(parents=True, exist_ok=True)
+        plan.save(self._file("plan.json"))
+        atomic_write_text(f, json.dumps(dict(policy=sres.policy, error=sres.error,
+                                             achieved=dataclasses.asdict(sres.achieved), explored=sres.explored,
+                                             front=sres.front, evaluations=sres.evaluations, groups=groups)))
+
+    def copy_weights(self, dest: Path) -> bool:
+        import shutil
+
+        from .io import atomic_path
+
+        f = self._file("weights.safetensors")
+        if f is None or not f.is_file():
+            return False
+        try:
+            from ..passes.weights import load_weight_copies
+
+            load_weight_copies(f)  # readable, with its index
+        except Exception:  # noqa: BLE001
+            return False
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(f, tmp)
+        return True
+
+    def keep_weights(self, src: Path) -> None:
+        import shutil
+
+        from .io import atomic_path
+
+        f = self._file("weights.safetensors")
+        if f is None:
+            return
+        f.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(f) as tmp:
+            shutil.copyfile(src, tmp)
 
 
 def linear_layers(graph, transformer) -> list[str]:

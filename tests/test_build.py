@@ -1,0 +1,94 @@
+"""``adatsq build``'s pieces that run without the full model: options, the stage cache, device moves."""
+
+import pytest
+import torch
+
+from adatsq.errors import InputError
+from adatsq.passes.plan import Budget
+from adatsq.passes.transforms import LayerTransform, transforms_to
+from adatsq.passes.weights import LayerPrep
+from adatsq.tools.build import BuildCache, BuildOptions, plan_policy
+from tests.test_search import analysed_tiny  # noqa: F401 - the module fixture
+
+
+@pytest.mark.parametrize("bad, msg", [(dict(budget="W1A1"), "infeasible budget"), (dict(weights="awq"), "unknown weights"),
+                                      (dict(base="hqq"), "unknown base"), (dict(policy="random"), "unknown policy"),
+                                      (dict(rank=-2), "rank and group size"), (dict(search_samples=0), "samples"),
+                                      (dict(target="tpu"), "unknown target")])
+def test_build_options_fail_before_any_work(bad, msg):
+    with pytest.raises(InputError, match=msg):
+        BuildOptions(**bad).validate()
+    BuildOptions().validate()
+
+
+def test_stage_cache_round_trips_and_distrusts_damaged_entries(analysed_tiny, tmp_path):  # noqa: F811
+    from adatsq.passes.analysis import layer_nodes
+    from adatsq.passes.annotations import get_annotation
+    from adatsq.passes.search import LayerPrecision, SearchOptions, search_plan
+
+    graph, calib, res = analysed_tiny
+    cache = BuildCache(tmp_path / "c")
+    assert cache.load_prep() is None and cache.load_search(graph) is None
+    g = torch.Generator().manual_seed(0)
+    prep = {"a.weight": LayerPrep(torch.rand(8, generator=g), (torch.randn(4, 2, generator=g), torch.randn(2, 8, generator=g))),
+            "b.weight": LayerPrep(torch.rand(4, generator=g), None)}
+    cache.save_prep(prep)
+    back = cache.load_prep()
+    assert set(back) == set(prep) and back["b.weight"].low_rank is None
+    assert torch.equal(back["a.weight"].smooth, prep["a.weight"].smooth)
+    assert torch.equal(back["a.weight"].low_rank[0], prep["a.weight"].low_rank[0])
+    plan, sres, groups = search_plan(graph, calib, res.results["trajectory"], Budget(4.0, 4.0),
+                                     SearchOptions(beam=2, samples=2, policy="per-step"))
+    assert all(len(set(row)) == 1 for row in plan.assignment)  # per-step: one precision for all layers at a step
+    cache.save_search(plan, sres, groups)
+    for nodes in layer_nodes(graph).values():  # wipe the annotations: loading writes them again
+        for n in nodes:
+            n.meta.pop("adatsq.precision", None)
+    plan2, sres2, groups2 = cache.load_search(graph)
+    assert plan2 == plan and sres2.policy == sres.policy and sres2.front == [tuple(f) for f in sres.front]
+    assert groups2 == groups
+    p0, nodes0 = next(iter(layer_nodes(graph).items()))
+    assert get_annotation(nodes0[0], LayerPrecision).per_step == tuple(plan.precision(t, p0).name
+                                                                        for t in range(len(plan.assignment)))
+    share = plan_policy(plan)
+    assert share["distinct_step_assignments"] >= 1 and abs(sum(share["precision_share"].values()) - 1) < 1e-3
+    # damaged entries are recomputed, not trusted
+    (tmp_path / "c" / "search.json").write_text("{not json")
+    assert cache.load_search(graph) is None
+    (tmp_path / "c" / "prep.safetensors").write_bytes(b"\x00" * 10)
+    assert cache.load_prep() is None
+    (tmp_path / "c" / "weights.safetensors").write_bytes(b"junk")
+    assert cache.copy_weights(tmp_path / "out" / "w.safetensors") is False
+    assert not (tmp_path / "out" / "w.safetensors").exists()
+    nocache = BuildCache(None)
+    nocache.save_prep(prep)
+    assert nocache.load_prep() is None and nocache.copy_weights(tmp_path / "x") is False
+
+
+def test_transforms_move_to_a_device_keeping_their_sharing():
+    w = torch.randn(4, 8)
+    t1 = LayerTransform(w, 4, smooth=torch.rand(8) + 0.5, low_rank=(torch.randn(4, 2), torch.randn(2, 8)))
+    t2 = LayerTransform(w * 2, 8)
+    moved = transforms_to({"x.weight": [t1, t1, t2], "y.weight": t2}, "meta")
+    xs = moved["x.weight"]
+    assert xs[0] is xs[1] and xs[2] is moved["y.weight"]  # one moved object per distinct transform
+    assert xs[0].weight.device.type == "meta" and xs[0].smooth.device.type == "meta"
+    assert xs[0].low_rank[1].device.type == "meta" and xs[0].a_bits == 4
+    same = transforms_to({"x.weight": t1}, "cpu")["x.weight"]
+    x = torch.randn(3, 8)
+    assert torch.equal(same(x, None), t1(x, None))
+    with pytest.raises(TypeError, match="cannot move"):
+        transforms_to({"x.weight": lambda x, b: x}, "cpu")
+
+
+def test_eval_device_is_checked_before_any_work():
+    from adatsq.tools.evaluate import EvalConfig
+
+    with pytest.raises(InputError, match="only cpu and cuda"):
+        EvalConfig(device="meta").validate()
+    with pytest.raises(InputError, match="unknown device"):
+        EvalConfig(device="warp-drive").validate()
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no CUDA device"):
+            EvalConfig(device="cuda").validate()
+    EvalConfig(device="cpu").validate()

@@ -130,12 +130,16 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
                 candidates: Callable[[int], Sequence[Assignment]],
                 step_fn: Callable[[Any, int, Sequence[Assignment]], Sequence[tuple[Any, float]]],
                 initial_state: Any, beam: int = 4,
-                progress: Callable[[int, int], None] | None = None, static: bool = False) -> SearchResult:
+                progress: Callable[[int, int], None] | None = None, static: bool = False,
+                pace: float | None = None) -> SearchResult:
     """Beam search (see the module docstring). ``step_fn(state, k, assignments)`` returns, for each
     assignment, the child state and its error after step ``k`` (batched so a model can evaluate
     several children at once); ``candidates(k)`` lists the assignments tried at step ``k``.
     ``static``: a policy repeats its first step's assignment at every step (no time dimension;
-    the candidates of step 0 are the only choices)."""
+    the candidates of step 0 are the only choices). ``pace``: a child that has spent more than
+    its share of the budget so far, ``(k + 1) / S`` of it, by more than this fraction is pruned
+    (None: no pacing; the search then tends to spend early, where the latent error is cheap to
+    buy down, and pay with the cheapest precisions at the last steps)."""
     if beam < 1:
         raise InputError(f"search: beam width must be >= 1, got {beam}")
     check_budget(lattice, budget)
@@ -174,9 +178,17 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
             raise InputError(f"search: no candidate at step {k} keeps the budget reachable")
         bits = [axis(c.w_spent, c.a_spent, k + 1) for c in children]
         errors = [c.error for c in children]
+        pool = list(range(len(children)))
+        if pace is not None:
+            share = (k + 1) / num_steps * (1 + pace)
+            paced = [i for i in pool if children[i].w_spent <= total_w * share + tol
+                     and children[i].a_spent <= total_a * share + tol]
+            lowest = min(bits)
+            pool = paced or [i for i in pool if bits[i] <= lowest + 1e-12]
         # dominance in (weight bits spent, activation bits spent, error): a child another beats on
         # all three can never end better (the rest of its path is open to the other too)
-        front = _pareto([(c.w_spent, c.a_spent, c.error) for c in children])
+        front = [pool[i] for i in _pareto([(children[j].w_spent, children[j].a_spent, children[j].error)
+                                           for j in pool])]
         keep = _trim(front, bits, errors, beam)
         kept = set(keep)
         explored += [(k, bits[i], errors[i], i in kept) for i in range(len(children))]
@@ -373,6 +385,12 @@ class SearchOptions:
     samples: int = 10  # search samples: the first seed of each condition, then the next seeds
     levels: tuple[float, ...] = (0.75, 0.875, 1.0, 1.125, 1.25, 1.5)
     policy: str = "dynamic"  # see POLICIES
+    pace: float | None = 0.1  # budget pacing slack (see beam_search); None: off
+    # where the candidate generator's per-step errors come from: "measured" with the plan's own
+    # quantized layers on the FP trajectory (sensitivity_samples samples), or the "analysis"
+    # pass's sensitivity annotations (RTN weights per output channel)
+    sensitivity: str = "measured"
+    sensitivity_samples: int = 4
 
     def validate(self) -> None:
         if self.policy not in POLICIES:
@@ -381,6 +399,12 @@ class SearchOptions:
             raise InputError(f"search: beam width must be >= 1, got {self.beam}")
         if self.samples < 1:
             raise InputError(f"search: samples must be >= 1, got {self.samples}")
+        if self.sensitivity not in ("measured", "analysis"):
+            raise InputError(f"search: sensitivity must be 'measured' or 'analysis', got {self.sensitivity!r}")
+        if self.sensitivity_samples < 1:
+            raise InputError(f"search: sensitivity_samples must be >= 1, got {self.sensitivity_samples}")
+        if self.pace is not None and self.pace < 0:
+            raise InputError(f"search: pace slack must be >= 0, got {self.pace}")
         target_lattice(self.target)
 
 
@@ -405,6 +429,26 @@ def policy_candidates(policy: str, errors: np.ndarray, lattice: Sequence[Precisi
         static = allocation_candidates(errors.sum(0), lattice, costs, budget, levels)
         return lambda k: static
     return lambda k: allocation_candidates(errors[k], lattice, costs, budget, levels)
+
+
+def measured_sensitivity(step_fn: Callable, fp_states: torch.Tensor, num_groups: int, lattice: Sequence[Precision],
+                         progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """One-step sensitivity ``[S, G, P]`` measured with ``step_fn`` (the search's own quantized
+    layers): from the FP latents of step ``k`` (``fp_states[k]``), the error after step ``k`` with
+    group ``g`` alone at precision ``p`` and every other group in 16-bit (0 for 16-bit itself)."""
+    fp = next((i for i, p in enumerate(lattice) if p.w_bits >= 16 and p.a_bits >= 16), None)
+    if fp is None:
+        raise InputError("search: measured sensitivity needs a 16-bit lattice point")
+    S = fp_states.shape[0] - 1
+    out = np.zeros((S, num_groups, len(lattice)))
+    pairs = [(g, p) for g in range(num_groups) for p in range(len(lattice)) if p != fp]
+    for k in range(S):
+        asgs = [tuple(p if h == g else fp for h in range(num_groups)) for g, p in pairs]
+        for (g, p), (_, err) in zip(pairs, step_fn(fp_states[k], k, asgs)):
+            out[k, g, p] = err
+        if progress is not None:
+            progress(k + 1, S)
+    return out
 
 
 def sensitivity_table(graph: Any, lattice: Sequence[Precision]) -> tuple[dict[str, list[str]], np.ndarray]:
@@ -481,7 +525,8 @@ def layer_transform_factory(transformer: Any, graph: Any, weights: str = "gptq-f
 
 
 def search_plan(graph: Any, calib: Any, fp_latents: Any, budget: Budget, options: SearchOptions = SearchOptions(),
-                make_transform: Callable | None = None, progress: Callable[[int, int], None] | None = None):
+                make_transform: Callable | None = None, progress: Callable[[int, int], None] | None = None,
+                sensitivity_progress: Callable[[int, int], None] | None = None):
     """Search a precision plan for the analysed ``graph`` (sensitivity and, for GPTQ weights,
     Hessian annotations) under ``budget``; annotates every layer node with ``adatsq.precision``.
     Returns (PrecisionPlan, SearchResult, groups)."""
@@ -504,11 +549,16 @@ def search_plan(graph: Any, calib: Any, fp_latents: Any, budget: Budget, options
     order = [c * n_seeds + s for s in range(n_seeds) for c in range(len(calib.conditions))]
     samples = order[:min(options.samples, len(order))]
     step_fn = model_step_fn(calib, switch, groups, lattice, fp_latents, samples)
+    if options.sensitivity == "measured":
+        sens_fn = model_step_fn(calib, switch, groups, lattice, fp_latents, samples[:options.sensitivity_samples])
+        with transformed_layers(transformer, switch.transforms()):
+            errors = measured_sensitivity(sens_fn, fp_latents[:, samples[:options.sensitivity_samples]],
+                                          len(groups), lattice, sensitivity_progress)
     with transformed_layers(transformer, switch.transforms()):
         res = beam_search(calib.num_steps, lattice, costs, budget,
                           policy_candidates(options.policy, errors, lattice, costs, budget, options.levels),
                           step_fn, fp_latents[0, samples].clone(), beam=options.beam, progress=progress,
-                          static=options.policy in ("per-layer", "uniform"))
+                          static=options.policy in ("per-layer", "uniform"), pace=options.pace)
     names = list(groups)
     group_of = {p: n for n, ls in groups.items() for p in ls}
     layers = tuple(table.names)

@@ -31,6 +31,8 @@ class BuildOptions:
     rank: int = 32  # of the low-rank branch (base lowrank)
     group_size: int = 64  # weight groups of the base lowrank (plain: per output channel)
     policy: str = "dynamic"  # dynamic | per-step | per-layer | uniform (ablations)
+    pace: float | None = 0.1  # budget pacing slack of the beam search (None: off)
+    search_sensitivity: str = "measured"  # candidates from errors measured with the plan's layers, or "analysis"
     sensitivity_samples: int = 4
     cache_dir: str | None = None
 
@@ -38,7 +40,8 @@ class BuildOptions:
         from ..passes.search import WEIGHTS, SearchOptions, check_budget, parse_budget, target_lattice
 
         check_budget(target_lattice(self.target), parse_budget(self.budget))
-        SearchOptions(self.target, self.beam, self.search_samples, policy=self.policy).validate()
+        SearchOptions(self.target, self.beam, self.search_samples, policy=self.policy, pace=self.pace,
+                      sensitivity=self.search_sensitivity).validate()
         if self.weights not in WEIGHTS:
             raise InputError(f"build: unknown weights {self.weights!r} ({', '.join(WEIGHTS)})")
         if self.base not in BASES:
@@ -115,8 +118,10 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     if cached is None:
         plan, sres, groups = search_plan(graph, calib, res.results["trajectory"], budget,
                                          SearchOptions(opts.target, opts.beam, opts.search_samples,
-                                                       policy=opts.policy),
-                                         make, progress=lambda done, total: prog("search", done, total))
+                                                       policy=opts.policy, pace=opts.pace,
+                                                       sensitivity=opts.search_sensitivity),
+                                         make, progress=lambda done, total: prog("search", done, total),
+                                         sensitivity_progress=lambda d, t: prog("search: sensitivity", d, t))
         stage_cache.save_search(plan, sres, groups)
     else:
         plan, sres, groups = cached
@@ -157,7 +162,7 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
 
 
 #: bump when what a cached build stage holds changes
-BUILD_CACHE_VERSION = 1
+BUILD_CACHE_VERSION = 2
 
 
 class BuildCache:

@@ -345,6 +345,17 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _pace(text: str) -> float | None:
+    from ..errors import InputError
+
+    if str(text).lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise InputError(f"build: --pace takes a number or 'none', got {text!r}") from None
+
+
 def cmd_build(args) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -352,7 +363,8 @@ def cmd_build(args) -> int:
 
     opts = BuildOptions(model=args.model, budget=args.budget, target=args.target, beam=args.beam,
                         search_samples=args.search_samples, weights=args.weights, base=args.base, rank=args.rank,
-                        group_size=args.group_size, policy=args.policy,
+                        group_size=args.group_size, policy=args.policy, pace=_pace(args.pace),
+                        search_sensitivity=args.search_sensitivity,
                         sensitivity_samples=args.sensitivity_samples, cache_dir=args.cache)
     opts.validate()  # bad input fails before any work
     tasks = {}
@@ -660,6 +672,12 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--policy", choices=("dynamic", "per-step", "per-layer", "uniform"), default="dynamic",
                     help="dynamic (per step and layer group, default); ablations: per-step (one precision for all "
                          "layers at a step), per-layer (static mixed precision), uniform")
+    pb.add_argument("--pace", default="0.1", metavar="SLACK",
+                    help="budget pacing: prune a partial policy that spent more than its share of the budget so "
+                         "far by more than SLACK (default 0.1); 'none' turns pacing off")
+    pb.add_argument("--search-sensitivity", choices=("measured", "analysis"), default="measured",
+                    help="per-step errors the candidate assignments are drawn from: measured with the plan's own "
+                         "quantized layers (default) or the analysis pass's RTN sensitivity")
     pb.add_argument("--sensitivity-samples", type=int, default=4)
     pb.add_argument("--cache", metavar="DIR", help="analysis cache (default $ADATSQ_CACHE or ~/.cache/adatsq/analysis)")
     pb.set_defaults(func=cmd_build)

@@ -10,6 +10,10 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 TORCH_PIN     := torch==2.13.0
 DIFFUSERS_PIN := diffusers==0.42.1
 
+# the demo's sizes (2 CPU cores, < 10 min from scratch): search scored on 6 calibration samples, eval on 64
+DEMO_SEARCH_SAMPLES ?= 6
+DEMO_N ?= 64
+
 .PHONY: demo test bench clean data table
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -37,9 +41,9 @@ demo: $(VENV)/.installed data
 	$(ADATSQ) inspect $(MODEL) --json $(OUT)/$(MODEL).layers.json
 	$(ADATSQ) export $(MODEL) -o $(OUT)/$(MODEL).onnx
 	$(ADATSQ) inspect $(OUT)/$(MODEL).onnx
-	$(ADATSQ) eval $(MODEL) -n 100 --variant w8a8-rtn --variant w4a8-rtn \
+	$(ADATSQ) build $(MODEL) -o $(OUT)/build --budget W4A4 --search-samples $(DEMO_SEARCH_SAMPLES) --cache $(OUT)/cache
+	$(ADATSQ) eval $(MODEL) -n $(DEMO_N) --plan $(OUT)/build --variant w4a4-rtn \
 	  --json $(OUT)/eval.json --md $(OUT)/eval.md --grid $(OUT)/eval.png
-	$(ADATSQ) analyze $(MODEL) -o $(OUT)/analysis --cache $(OUT)/cache
 
 test: $(VENV)/.installed data
 	$(PY) -m pytest -q -n 2 -p no:cacheprovider

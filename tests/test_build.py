@@ -7,7 +7,7 @@ from adatsq.errors import InputError
 from adatsq.passes.plan import Budget
 from adatsq.passes.transforms import LayerTransform, transforms_to
 from adatsq.passes.weights import LayerPrep
-from adatsq.tools.build import BuildCache, BuildOptions, plan_policy
+from adatsq.tools.build import BuildCache, BuildOptions, plan_memory, plan_policy
 from tests.test_search import analysed_tiny  # noqa: F401 - the module fixture
 
 
@@ -50,6 +50,15 @@ def test_stage_cache_round_trips_and_distrusts_damaged_entries(analysed_tiny, tm
     p0, nodes0 = next(iter(layer_nodes(graph).items()))
     assert get_annotation(nodes0[0], LayerPrecision).per_step == tuple(plan.precision(t, p0).name
                                                                         for t in range(len(plan.assignment)))
+    params = dict(calib.denoiser.transformer.named_parameters())
+    by_name = {q.name: q for q in plan.lattice}
+    reqs = {p: [(b, None) for b in sorted({by_name[r[i]].w_bits for r in plan.assignment} - {16})]
+            for i, p in enumerate(plan.layers)}
+    mem = plan_memory(plan, params, reqs, None)
+    want = sum((params[p].numel() * b + 7) // 8 + 2 * params[p].shape[0] for p, v in reqs.items() for b, _ in v)
+    assert mem["quantized_copies_bytes"] == want and mem["low_rank_and_smoothing_bytes"] == 0
+    assert mem["total_bytes"] == want + mem["fp16_layers_bytes"]
+    assert mem["fp16_model_bytes"] == sum(2 * params[p].numel() for p in plan.layers)
     share = plan_policy(plan)
     assert share["distinct_step_assignments"] >= 1 and abs(sum(share["precision_share"].values()) - 1) < 1e-3
     # damaged entries are recomputed, not trusted

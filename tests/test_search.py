@@ -272,3 +272,57 @@ def test_batched_step_evaluation_matches_one_at_a_time(analysed_tiny):
         assert torch.allclose(xa, xb, atol=1e-5, rtol=1e-4) and ea == pytest.approx(eb, rel=1e-3)
     assert a[4][1] < 1e-10  # FP16 everywhere reproduces the FP trajectory
     assert a[0][1] > a[3][1] > a[4][1]  # W3A3 errs more than W4A4
+
+
+def test_pacing_keeps_every_prefix_within_its_share():
+    e, costs = _toy(3, S=5, G=2)
+    S, G, P = e.shape
+    all_asg = list(itertools.product(range(P), repeat=G))
+
+    def step_fn(state, k, asgs):
+        return [(state + sum(e[k, g, a[g]] for g in range(G)),) * 2 for a in asgs]
+
+    budget = Budget(4.0, 4.0)
+    res = beam_search(S, LATTICE, costs, budget, lambda k: all_asg, step_fn, 0.0, beam=3, pace=0.0)
+    total_w = budget.w_bits * S * sum(costs.params)
+    total_a = budget.a_bits * S * sum(costs.macs)
+    w = a = 0.0
+    for k, asg in enumerate(res.policy):
+        dw, da = costs.step_bits(asg, LATTICE)
+        w, a = w + dw, a + da
+        assert w <= total_w * (k + 1) / S * (1 + 1e-9) and a <= total_a * (k + 1) / S * (1 + 1e-9), k
+    free = beam_search(S, LATTICE, costs, budget, lambda k: all_asg, step_fn, 0.0, beam=10 ** 6)
+    assert free.error <= res.error + 1e-12  # pacing is a restriction: exact search without it is never worse
+    with pytest.raises(InputError, match="pace"):
+        from adatsq.passes.search import SearchOptions
+
+        SearchOptions(pace=-0.5).validate()
+    with pytest.raises(InputError, match="sensitivity must be"):
+        SearchOptions(sensitivity="vibes").validate()
+
+
+def test_measured_sensitivity_quantizes_one_group_at_a_time(analysed_tiny):
+    import torch
+
+    from adatsq.passes.search import (SwitchableLayers, layer_transform_factory, measured_sensitivity, model_step_fn,
+                                      sensitivity_table, target_lattice)
+    from adatsq.passes.transforms import transformed_layers
+
+    graph, calib, res = analysed_tiny
+    lat = res.results["trajectory"]
+    tr = calib.denoiser.transformer
+    lattice = target_lattice("simulate")
+    groups, _ = sensitivity_table(graph, lattice)
+    make = layer_transform_factory(tr, graph, "rtn")
+    switch = SwitchableLayers({p: {prec.name: make(p, prec) for prec in lattice} for ls in groups.values() for p in ls})
+    fn = model_step_fn(calib, switch, groups, lattice, lat, [1, 2])
+    G = len(groups)
+    with transformed_layers(tr, switch.transforms()):
+        err = measured_sensitivity(fn, lat[:, [1, 2]], G, lattice)
+        k, g = 1, G - 1
+        ((_, one),) = fn(lat[k, [1, 2]], k, [tuple(0 if h == g else 4 for h in range(G))])
+    assert err.shape == (calib.num_steps, G, len(lattice))
+    assert (err[:, :, 4] == 0).all() and (err[:, :, :4] > 0).all()  # FP16 is the reference
+    assert err[k, g, 0] == pytest.approx(one, rel=1e-4)
+    assert (err[:, :, 0].sum() > err[:, :, 3].sum())  # W3A3 errs more than W8A8 in total
+    assert torch.isfinite(torch.from_numpy(err)).all()

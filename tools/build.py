@@ -155,6 +155,7 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
                   search=dict(final_error=sres.error, evaluations=sres.evaluations, front=sres.front,
                               groups={n: ls for n, ls in groups.items()}),
                   weight_copies=sum(len(v) for v in requests.values()),
+                  memory=plan_memory(plan, params, requests, prep),
                   weights_bytes=(out / "weights.safetensors").stat().st_size,
                   seconds={k: round(v, 2) for k, v in timings.items()})
     atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
@@ -278,6 +279,31 @@ class BuildCache:
         f.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(f) as tmp:
             shutil.copyfile(src, tmp)
+
+
+def plan_memory(plan, params: dict, requests: dict, prep) -> dict[str, Any]:
+    """The memory view of a plan: bytes of every distinct weight copy it needs when deployed (a
+    layer that switches precision across steps keeps each copy; INT codes packed, one 16-bit scale
+    per group or channel), of the layers it keeps in 16-bit, and of the 16-bit low-rank branches and
+    smoothing vectors; against the 16-bit model. Not a constraint of the search (the budget is)."""
+    by_name = {p.name: p for p in plan.lattice}
+    copies = fp16 = extra = 0
+    model16 = 0
+    for i, p in enumerate(plan.layers):
+        w = params[p]
+        o, k = w.shape[0], w.numel() // w.shape[0]
+        model16 += 2 * w.numel()
+        used = {by_name[row[i]] for row in plan.assignment}
+        if any(u.w_bits >= 16 for u in used):
+            fp16 += 2 * w.numel()
+        for bits, group in requests.get(p, []):
+            copies += (w.numel() * bits + 7) // 8 + 2 * o * (k // group if group else 1)
+        pr = (prep or {}).get(p)
+        if pr is not None and p in requests:
+            extra += 2 * k + (2 * pr.low_rank[0].shape[1] * (o + k) if pr.low_rank is not None else 0)
+    total = copies + fp16 + extra
+    return dict(quantized_copies_bytes=copies, fp16_layers_bytes=fp16, low_rank_and_smoothing_bytes=extra,
+                total_bytes=total, fp16_model_bytes=model16, ratio_to_fp16=round(total / max(model16, 1), 4))
 
 
 def linear_layers(graph, transformer) -> list[str]:

@@ -381,6 +381,9 @@ def cmd_build(args) -> int:
                   f"search error {report['search']['final_error']:.3e} after {report['search']['evaluations']} "
                   f"step evaluations; {report['weight_copies']} weight copies, "
                   f"{report['weights_bytes'] / 1e6:.2f} MB")
+    mem = report["memory"]
+    console.print(f"deployed weights: {mem['total_bytes'] / 1e6:.2f} MB ({mem['ratio_to_fp16']:.2f}x the 16-bit "
+                  f"model's {mem['fp16_model_bytes'] / 1e6:.2f} MB; low-rank branches {mem['low_rank_and_smoothing_bytes'] / 1e6:.2f} MB)")
     console.print("seconds by stage: " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()))
     console.print(f"wrote {args.output}/plan.json, weights.safetensors, report.json, plan.png, pareto.png")
     return 0

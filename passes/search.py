@@ -549,7 +549,13 @@ def search_plan(graph: Any, calib: Any, fp_latents: Any, budget: Budget, options
     order = [c * n_seeds + s for s in range(n_seeds) for c in range(len(calib.conditions))]
     samples = order[:min(options.samples, len(order))]
     step_fn = model_step_fn(calib, switch, groups, lattice, fp_latents, samples)
-    if options.sensitivity == "measured":
+    lo = min(range(len(lattice)), key=lambda i: (lattice[i].w_bits, lattice[i].a_bits))
+    forced = (lattice[lo].w_bits >= budget.w_bits - 1e-9 and lattice[lo].a_bits >= budget.a_bits - 1e-9
+              and all(p.w_bits >= lattice[lo].w_bits and p.a_bits >= lattice[lo].a_bits for p in lattice))
+    if forced:  # the budget equals the lattice's cheapest point: the only feasible policy is that point everywhere
+        errors = np.zeros_like(errors)
+        errors[:, :, [i for i in range(len(lattice)) if i != lo]] = 1.0
+    elif options.sensitivity == "measured":
         sens_fn = model_step_fn(calib, switch, groups, lattice, fp_latents, samples[:options.sensitivity_samples])
         with transformed_layers(transformer, switch.transforms()):
             errors = measured_sensitivity(sens_fn, fp_latents[:, samples[:options.sensitivity_samples]],

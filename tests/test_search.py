@@ -137,6 +137,9 @@ def test_search_plan_on_a_tiny_model(analysed_tiny):
         for p, nodes in layer_nodes(graph).items():
             lp = get_annotation(nodes[0], LayerPrecision)
             assert lp.per_step == tuple(plan.precision(t, p).name for t in range(calib.num_steps))
+    # a budget at the lattice's cheapest point leaves one policy: found without measuring anything else
+    plan, out, _ = search_plan(graph, calib, lat, Budget(3.0, 3.0), SearchOptions(beam=2, samples=2))
+    assert {n for row in plan.assignment for n in row} == {"W3A3"} and out.evaluations == calib.num_steps
     with pytest.raises(InputError, match="infeasible budget W2A2"):
         search_plan(graph, calib, lat, Budget(2.0, 2.0))
     with pytest.raises(Exception, match="did not measure W4A16"):

@@ -40,12 +40,18 @@ def build_label(report: dict[str, Any] | None, variant: str) -> tuple[str, bool]
     return "ablation: " + ", ".join(names.get(d, d) for d in diffs), False
 
 
+#: where build reports are looked for when a plan's own directory is gone (see --builds)
+BUILDS: list[Path] = []
+
+
 def _report(variant: str) -> dict[str, Any] | None:
-    f = Path(variant[len("plan:"):]) / "report.json"
-    try:
-        return json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    d = Path(variant[len("plan:"):])
+    for f in [d / "report.json"] + [b / d.name / "report.json" for b in BUILDS]:
+        try:
+            return json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+    return None
 
 
 def rows(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -58,6 +64,8 @@ def rows(result: dict[str, Any]) -> list[dict[str, Any]]:
         if v.startswith("plan:"):
             rep = _report(v)
             row["label"], row["adatsq"] = build_label(rep, v)
+            row["search_error"] = rep["search"]["final_error"] if rep else None
+            row["memory"] = (rep.get("memory") or {}).get("ratio_to_fp16") if rep else None
             row["budget"] = (f"W{rep['budget']['w_bits']:g}A{rep['budget']['a_bits']:g}" if rep else None)
             row["kind"] = "plan"
         elif v == "fp":
@@ -87,12 +95,13 @@ def markdown(result: dict[str, Any], budgets: Sequence[str] = ("W4A4", "W3A3")) 
         if not sel:
             continue
         sel.sort(key=lambda r: (r["kind"] != "plan", not r["adatsq"], r["label"]))
-        lines += [f"### average {b}", "", "| method | W avg | A avg | judge acc. | FID | PSNR vs FP (dB) | SSIM vs FP |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"### average {b}", "", "| method | W avg | A avg | judge acc. | FID | PSNR vs FP (dB) | SSIM vs FP "
+                  "| search error | weights / FP16 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in sel:
             name = f"**{r['label']}**" if r["adatsq"] else r["label"]
+            se = "—" if r.get("search_error") is None else f"{r['search_error']:.2e}"
             lines.append(f"| {name} | {r['w']:.2f} | {r['a']:.2f} | {r['acc']:.3f} | {r['fid']:.2f} | "
-                         f"{_fmt(r['psnr'])} | {_fmt(r['ssim'], 4)} |")
+                         f"{_fmt(r['psnr'])} | {_fmt(r['ssim'], 4)} | {se} | {_fmt(r.get('memory'))} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -138,13 +147,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .io import atomic_write_text, read_json
 
     ap = argparse.ArgumentParser(prog="python -m adatsq.tools.search_table", description=__doc__.split("\n\n")[0])
-    ap.add_argument("eval_json")
+    ap.add_argument("eval_json", nargs="+", help="one or more eval JSONs of the same model, samples and seed "
+                    "(their variants are merged; the first one's FP row is kept)")
     ap.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.md and PREFIX.png")
+    ap.add_argument("--builds", action="append", default=[], metavar="DIR",
+                    help="also look for a plan's report.json in DIR/<build name>/ (copies of the build directories)")
     args = ap.parse_args(argv)
+    BUILDS[:] = [Path(b) for b in args.builds]
     try:
-        result = read_json(args.eval_json, InputError)
-        if not isinstance(result, dict) or result.get("format") != "adatsq.eval":
-            raise InputError(f"{args.eval_json}: not an adatsq eval JSON")
+        result = None
+        for path in args.eval_json:
+            r = read_json(path, InputError)
+            if not isinstance(r, dict) or r.get("format") != "adatsq.eval":
+                raise InputError(f"{path}: not an adatsq eval JSON")
+            if result is None:
+                result = r
+                continue
+            for key in ("model_fingerprint", "samples", "seed", "schedule"):
+                if r.get(key) != result.get(key):
+                    raise InputError(f"{path}: {key} differs from {args.eval_json[0]} ({r.get(key)} vs {result.get(key)})")
+            for v, row in r["variants"].items():
+                result["variants"].setdefault(v, row)
         prefix = Path(args.out)
         prefix.parent.mkdir(parents=True, exist_ok=True)
         md = markdown(result)

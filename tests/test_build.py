@@ -101,3 +101,17 @@ def test_eval_device_is_checked_before_any_work():
         with pytest.raises(InputError, match="no CUDA device"):
             EvalConfig(device="cuda").validate()
     EvalConfig(device="cpu").validate()
+
+
+def test_build_plots_are_written(tmp_path, analysed_tiny):  # noqa: F811
+    from adatsq.passes.search import SearchOptions, search_plan
+    from adatsq.tools.build import plot_pareto, plot_plan
+
+    graph, calib, res = analysed_tiny
+    plan, sres, groups = search_plan(graph, calib, res.results["trajectory"], Budget(4.0, 4.0),
+                                     SearchOptions(beam=2, samples=2, sensitivity="analysis"))
+    plot_plan(plan, groups, tmp_path / "plan.png")
+    plot_pareto(sres, tmp_path / "pareto.png")
+    for f in ("plan.png", "pareto.png"):
+        assert (tmp_path / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pareto.png", "plan.png"]  # no temporary files left

@@ -249,20 +249,26 @@ def test_search_with_a_lowrank_base_scores_what_the_weights_pass_writes(analysed
                 assert torch.equal(replay[p][t].smooth, prep[p].smooth)
 
 
-def test_batched_step_evaluation_matches_one_at_a_time(analysed_tiny):
-    import torch
-
-    from adatsq.passes.search import (SwitchableLayers, layer_transform_factory, model_step_fn, sensitivity_table,
-                                      target_lattice)
-    from adatsq.passes.transforms import transformed_layers
+def _rtn_switch(analysed_tiny):
+    """The tiny model's layers, switchable between RTN copies at every simulate precision."""
+    from adatsq.passes.search import SwitchableLayers, layer_transform_factory, sensitivity_table, target_lattice
 
     graph, calib, res = analysed_tiny
-    lat = res.results["trajectory"]
     tr = calib.denoiser.transformer
     lattice = target_lattice("simulate")
     groups, _ = sensitivity_table(graph, lattice)
     make = layer_transform_factory(tr, graph, "rtn")
     switch = SwitchableLayers({p: {prec.name: make(p, prec) for prec in lattice} for ls in groups.values() for p in ls})
+    return calib, res.results["trajectory"], tr, lattice, groups, switch
+
+
+def test_batched_step_evaluation_matches_one_at_a_time(analysed_tiny):
+    import torch
+
+    from adatsq.passes.search import model_step_fn
+    from adatsq.passes.transforms import transformed_layers
+
+    calib, lat, tr, lattice, groups, switch = _rtn_switch(analysed_tiny)
     G = len(groups)
     asgs = [(0,) * G, (3,) * G, tuple(i % 5 for i in range(G)), (1,) * G, (4,) * G]
     one = model_step_fn(calib, switch, groups, lattice, lat, [0, 2], max_batch=1)
@@ -307,17 +313,10 @@ def test_pacing_keeps_every_prefix_within_its_share():
 def test_measured_sensitivity_quantizes_one_group_at_a_time(analysed_tiny):
     import torch
 
-    from adatsq.passes.search import (SwitchableLayers, layer_transform_factory, measured_sensitivity, model_step_fn,
-                                      sensitivity_table, target_lattice)
+    from adatsq.passes.search import measured_sensitivity, model_step_fn
     from adatsq.passes.transforms import transformed_layers
 
-    graph, calib, res = analysed_tiny
-    lat = res.results["trajectory"]
-    tr = calib.denoiser.transformer
-    lattice = target_lattice("simulate")
-    groups, _ = sensitivity_table(graph, lattice)
-    make = layer_transform_factory(tr, graph, "rtn")
-    switch = SwitchableLayers({p: {prec.name: make(p, prec) for prec in lattice} for ls in groups.values() for p in ls})
+    calib, lat, tr, lattice, groups, switch = _rtn_switch(analysed_tiny)
     fn = model_step_fn(calib, switch, groups, lattice, lat, [1, 2])
     G = len(groups)
     with transformed_layers(tr, switch.transforms()):

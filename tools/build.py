@@ -64,8 +64,8 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     from ..passes.analysis import AnalysisOptions, analyze
     from ..passes.cache import default_cache_root
     from ..passes.calibration import reference_calibration
-    from ..passes.search import SearchOptions, layer_transform_factory, parse_budget, search_plan, target_lattice
     from ..passes.cache import options_key
+    from ..passes.search import SearchOptions, layer_transform_factory, parse_budget, search_plan, target_lattice
     from ..passes.plan import fingerprint_graph
     from ..passes.weights import GPTQWeights, prepare_layers
     from .io import atomic_write_text
@@ -79,6 +79,7 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     out = Path(out)
     prog = progress or (lambda stage, done, total: None)
     timings: dict[str, float] = {}
+    from_cache: dict[str, bool] = {}
     t = time.perf_counter()
     ref = load_reference(opts.model)
     graph = export_model(opts.model)
@@ -101,6 +102,7 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     if opts.base == "lowrank":
         t = time.perf_counter()
         prep = stage_cache.load_prep()
+        from_cache["base"] = prep is not None
         if prep is None:
             # smoothing searched at the budget's precision (rounded), shared by every precision of a layer
             ref_bits = (max(2, round(budget.w_bits)), max(2, round(budget.a_bits)))
@@ -115,6 +117,7 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     t = time.perf_counter()
     make = layer_transform_factory(ref.denoiser.transformer, graph, opts.weights, prep=prep, group_size=group)
     cached = stage_cache.load_search(graph)
+    from_cache["search"] = cached is not None
     if cached is None:
         plan, sres, groups = search_plan(graph, calib, res.results["trajectory"], budget,
                                          SearchOptions(opts.target, opts.beam, opts.search_samples,
@@ -138,7 +141,8 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     requests = {p: v for p, v in requests.items() if v}
     hess = "none" if opts.weights == "rtn" else ("uniform" if opts.weights == "gptq" else "fisher")
     # the copies the search scored are written as they are (same Hessian, same residual)
-    if not stage_cache.copy_weights(out / "weights.safetensors"):
+    from_cache["weights"] = stage_cache.copy_weights(out / "weights.safetensors")
+    if not from_cache["weights"]:
         wpass = GPTQWeights(ref.denoiser.transformer, requests, out / "weights.safetensors", hessian=hess,
                             progress=lambda stage, done, total: prog("weights", done, total), prep=prep,
                             precomputed=make.copies)
@@ -157,7 +161,9 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
                   weight_copies=sum(len(v) for v in requests.values()),
                   memory=plan_memory(plan, params, requests, prep),
                   weights_bytes=(out / "weights.safetensors").stat().st_size,
-                  seconds={k: round(v, 2) for k, v in timings.items()})
+                  seconds={k: round(v, 2) for k, v in timings.items()},
+                  from_cache=from_cache,  # stages taken from the build cache (the analysis has its own)
+                  analysis_computed=dict(res.computed))
     atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
     return report
 
@@ -334,7 +340,7 @@ def plot_plan(plan, groups: dict[str, list[str]], path: Path) -> None:
     import numpy as np
     from matplotlib.colors import ListedColormap
 
-    from .io import atomic_path
+    from .plots import save_png
 
     names = [p.name for p in plan.lattice]
     rows = []
@@ -350,32 +356,32 @@ def plot_plan(plan, groups: dict[str, list[str]], path: Path) -> None:
     cb.ax.set_yticklabels(names)
     ax.set_title(f"precision plan: W{plan.achieved.w_bits:.2f} A{plan.achieved.a_bits:.2f} average")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_pareto(sres, path: Path) -> None:
+    """Every (bits so far, error) point the search explored, coloured by step; the entries it kept
+    ringed; the final Pareto front in red."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_path
+    from .plots import save_png
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    last = max(k for k, *_ in sres.explored)
-    for kept, colour, label in ((False, "0.75", "explored, pruned"), (True, "C0", "kept in the beam")):
-        pts = [(b, e) for k, b, e, kp in sres.explored if kp == kept and k == last]
-        if pts:
-            ax.scatter(*zip(*pts), s=12, c=colour, label=f"{label} (last step)")
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    steps = [k for k, *_ in sres.explored]
+    sc = ax.scatter([b for _, b, _, _ in sres.explored], [e for *_, e, _ in sres.explored], c=steps, cmap="viridis",
+                    s=10, alpha=0.6, label="explored")
+    kept = [(b, e) for _, b, e, kp in sres.explored if kp]
+    if kept:
+        ax.scatter(*zip(*kept), s=22, facecolors="none", edgecolors="k", linewidths=0.6, label="kept in the beam")
     if sres.front:
         ax.plot(*zip(*sres.front), "r.-", label="final Pareto front")
-    ax.set_xlabel("bits used (sum of W and A averages, relative to the budget x2)")
+    fig.colorbar(sc, label="denoising step")
+    ax.set_xlabel("bits spent so far (W + A averages relative to the budget; 2 = on budget)")
     ax.set_ylabel("latent MSE vs FP after the step")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)

@@ -25,7 +25,8 @@ def _plt():
     return plt
 
 
-def _save(fig, path: str | Path) -> None:
+def save_png(fig, path: str | Path) -> None:
+    """Write ``fig`` as a PNG atomically (110 dpi) and close it."""
     from .io import atomic_path
 
     with atomic_path(path) as tmp:
@@ -87,7 +88,7 @@ def fisher_png(summary: Mapping[str, Any], path: str | Path, title: str = "") ->
     ax_loss.set_xlim(-0.5, steps - 0.5)
     ax_loss.set_xticks([])
     ax_loss.set_title("velocity loss at each step", fontsize=9)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def sensitivity_png(summary: Mapping[str, Any], path: str | Path, title: str = "") -> None:
@@ -133,4 +134,4 @@ def sensitivity_png(summary: Mapping[str, Any], path: str | Path, title: str = "
         ax.set_ylabel("proxy (latent MSE units)")
         ax.legend(fontsize=7, loc="upper left")
         ax.set_title(f"proxies vs measured ({len(e2e)} triples)", fontsize=9)
-    _save(fig, path)
+    save_png(fig, path)

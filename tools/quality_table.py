@@ -83,7 +83,7 @@ def plot(result: dict[str, Any], methods: Sequence[str], bits: Sequence[str], pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_path
+    from .plots import save_png
 
     v = result["variants"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -99,9 +99,7 @@ def plot(result: dict[str, Any], methods: Sequence[str], bits: Sequence[str], pa
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{result['model']}: uniform baselines, {result['samples']} samples")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -112,7 +112,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_path
+    from .plots import save_png
 
     rs = rows(result)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -137,9 +137,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{result['model']}: quality vs average bits, {result['samples']} samples")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -45,13 +45,18 @@ def _tiny_denoiser(seed: int = 0) -> FluxFMNIST:
     return FluxFMNIST(tr, cond).eval()
 
 
-@pytest.fixture(scope="module")
-def tiny():
+def _tiny_setup(steps: int = 3, **calib_kw) -> tuple[FluxFMNIST, object, CalibrationSet]:
+    """The tiny denoiser, its exported graph and a calibration set (2 classes x seeds 5, 6, CFG 2.0)."""
     den = _tiny_denoiser()
     graph = export_model(den.transformer, Resolution(height=32, width=32, text_len=4, batch=2))
-    schedule = default_schedule("FluxTransformer2DModel", STEPS, 2.0)
-    calib = CalibrationSet(den, [torch.tensor(0), torch.tensor(1)], (5, 6), schedule, batch=3)
+    calib = CalibrationSet(den, [torch.tensor(0), torch.tensor(1)], (5, 6),
+                           default_schedule("FluxTransformer2DModel", steps, 2.0), **calib_kw)
     return den, graph, calib
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _tiny_setup(STEPS, batch=3)
 
 
 def _run(tiny, tmp_path=None, **kw):

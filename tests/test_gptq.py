@@ -69,19 +69,12 @@ def test_fisher_weighted_gptq_on_analysis_hessians():
     cut the H'-weighted error of RTN several-fold, and the eval variants' weights come out of the
     same path. (Whether the Fisher-weighted H' beats the uniform H under H' itself is measured,
     not asserted: here it does not, by 4% summed over layers; see docs.)"""
-    from adatsq.frontend.architectures import Resolution
-    from adatsq.frontend.export import export_model
-    from adatsq.frontend.schedule import default_schedule
     from adatsq.passes.analysis import AnalysisOptions, analyze
-    from adatsq.passes.calibration import CalibrationSet
     from adatsq.passes.transforms import transformed_layers
     from adatsq.tools.baselines import method_transforms
-    from tests.test_analysis import _tiny_denoiser
+    from tests.test_analysis import _tiny_setup
 
-    den = _tiny_denoiser()
-    graph = export_model(den.transformer, Resolution(height=32, width=32, text_len=4, batch=2))
-    calib = CalibrationSet(den, [torch.tensor(0), torch.tensor(1)], (5, 6),
-                           default_schedule("FluxTransformer2DModel", 3, 2.0))
+    den, graph, calib = _tiny_setup()
     res = analyze(graph, calib, AnalysisOptions(), passes=("trajectory", "fisher", "stats"))
     hess = res.results["hessians"]
     layers = [p for p in res.table.names if p != "x_embedder.weight"]

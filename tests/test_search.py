@@ -103,19 +103,10 @@ def test_allocation_candidates_respect_their_levels():
 
 @pytest.fixture(scope="module")
 def analysed_tiny():
-    import torch
-
-    from adatsq.frontend.export import export_model
-    from adatsq.frontend.loading import Resolution
-    from adatsq.frontend.schedule import default_schedule
     from adatsq.passes.analysis import AnalysisOptions, analyze
-    from adatsq.passes.calibration import CalibrationSet
-    from tests.test_analysis import _tiny_denoiser
+    from tests.test_analysis import _tiny_setup
 
-    den = _tiny_denoiser()
-    graph = export_model(den.transformer, Resolution(height=32, width=32, text_len=4, batch=2))
-    calib = CalibrationSet(den, [torch.tensor(0), torch.tensor(1)], (5, 6),
-                           default_schedule("FluxTransformer2DModel", 3, 2.0))
+    den, graph, calib = _tiny_setup()
     res = analyze(graph, calib, AnalysisOptions(sensitivity_samples=2, e2e_steps=0, groups="block",
                                                 precisions=("W3A3", "W4A4", "W4A8", "W8A8")))
     return graph, calib, res

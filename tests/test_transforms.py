@@ -75,18 +75,11 @@ def test_every_baseline_method_is_exact_at_16_bits_and_lossy_below():
     """Each eval method's transforms on a tiny analysed Flux: at W16A16 the model output is
     unchanged (smoothing, rotation and low rank are exact re-parametrisations); at W4A4 it is not,
     and the outlier-handling methods beat RTN."""
-    from adatsq.frontend.architectures import Resolution
-    from adatsq.frontend.export import export_model
-    from adatsq.frontend.schedule import default_schedule
     from adatsq.passes.analysis import AnalysisOptions, analyze
-    from adatsq.passes.calibration import CalibrationSet
     from adatsq.tools.baselines import METHODS, method_transforms
-    from tests.test_analysis import _tiny_denoiser
+    from tests.test_analysis import _tiny_setup
 
-    den = _tiny_denoiser()
-    graph = export_model(den.transformer, Resolution(height=32, width=32, text_len=4, batch=2))
-    calib = CalibrationSet(den, [torch.tensor(0), torch.tensor(1)], (5, 6),
-                           default_schedule("FluxTransformer2DModel", 3, 2.0))
+    den, graph, calib = _tiny_setup()
     res = analyze(graph, calib, AnalysisOptions(), passes=("trajectory", "fisher", "stats"))
     layers = [i.param for i in res.table if i.kind == "linear"]
     x, sig, cond = calib.model_inputs(res.results["trajectory"][1], 1, [0, 1, 2, 3])

@@ -1,30 +1,21 @@
 """The GPTQ weight-copy pass: exact copies, streamed one layer at a time, written atomically."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from adatsq.errors import InputError
-from adatsq.frontend.export import export_model
-from adatsq.frontend.loading import Resolution
-from adatsq.frontend.schedule import default_schedule
 from adatsq.passes.analysis import AnalysisOptions, HessianRef, analyze, layer_nodes
 from adatsq.passes.annotations import get_annotation
-from adatsq.passes.calibration import CalibrationSet
 from adatsq.passes.gptq import gptq
 from adatsq.passes.quant import pack_int4, quantize_weight, unpack_int4
 from adatsq.passes.weights import GPTQWeights, WeightCopies, load_weight_copies
 from adatsq.tools.io import stream_safetensors
-from tests.test_analysis import _tiny_denoiser
+from tests.test_analysis import _tiny_setup
 
 
 @pytest.fixture(scope="module")
 def analysed():
-    den = _tiny_denoiser()
-    graph = export_model(den.transformer, Resolution(height=32, width=32, text_len=4, batch=2))
-    calib = CalibrationSet(den, [torch.tensor(0), torch.tensor(1)], (5, 6),
-                           default_schedule("FluxTransformer2DModel", 3, 2.0))
+    den, graph, calib = _tiny_setup()
     res = analyze(graph, calib, AnalysisOptions(hessian="weighted"), passes=("trajectory", "fisher", "stats"))
     layers = [i.param for i in res.table if i.kind == "linear"]
     return den, graph, layers

@@ -90,7 +90,7 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     aopts = AnalysisOptions(hessian="weighted", precisions=quantized, sensitivity_samples=opts.sensitivity_samples,
                             e2e_steps=0, groups="block")
     t = time.perf_counter()
-    res = analyze(graph, calib, aopts, cache_dir=opts.cache_dir or default_cache_root(), log=log,
+    res = analyze(graph, calib, aopts, cache_dir=cache_root, log=log,
                   progress=lambda stage, done, total: prog(f"analysis: {stage}", done, total))
     timings["analysis"] = time.perf_counter() - t
     # the build's own stages are cached beside the analysis, keyed by everything they depend on

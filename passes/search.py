@@ -131,7 +131,7 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
                 step_fn: Callable[[Any, int, Sequence[Assignment]], Sequence[tuple[Any, float]]],
                 initial_state: Any, beam: int = 4,
                 progress: Callable[[int, int], None] | None = None, static: bool = False,
-                pace: float | None = None) -> SearchResult:
+                pace: float | None = None, anchor: Assignment | None = None) -> SearchResult:
     """Beam search (see the module docstring). ``step_fn(state, k, assignments)`` returns, for each
     assignment, the child state and its error after step ``k`` (batched so a model can evaluate
     several children at once); ``candidates(k)`` lists the assignments tried at step ``k``.
@@ -139,7 +139,10 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
     the candidates of step 0 are the only choices). ``pace``: a child that has spent more than
     its share of the budget so far, ``(k + 1) / S`` of it, by more than this fraction is pruned
     (None: no pacing; the search then tends to spend early, where the latent error is cheap to
-    buy down, and pay with the cheapest precisions at the last steps)."""
+    buy down, and pay with the cheapest precisions at the last steps). ``anchor``: an assignment
+    whose all-steps path (e.g. the uniform precision at the budget) is kept in the beam beside the
+    K entries whatever its rank, so the search can always fall back to it or leave it at any step:
+    it never ends worse on its own error than that fixed policy."""
     if beam < 1:
         raise InputError(f"search: beam width must be >= 1, got {beam}")
     check_budget(lattice, budget)
@@ -190,6 +193,9 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
         front = [pool[i] for i in _pareto([(children[j].w_spent, children[j].a_spent, children[j].error)
                                            for j in pool])]
         keep = _trim(front, bits, errors, beam)
+        if anchor is not None:
+            path = (tuple(anchor),) * (k + 1)
+            keep += [i for i in pool if children[i].policy == path and i not in keep][:1]
         kept = set(keep)
         explored += [(k, bits[i], errors[i], i in kept) for i in range(len(children))]
         beam_entries = [children[i] for i in keep]
@@ -391,6 +397,12 @@ class SearchOptions:
     # pass's sensitivity annotations (RTN weights per output channel)
     sensitivity: str = "measured"
     sensitivity_samples: int = 4
+    # keep the uniform policy at the budget (the best lattice point every layer can run at every
+    # step within it) in the beam as an anchor (see beam_search)
+    anchor: bool = True
+    # which samples score the candidates: "heldout" seeds (their own FP trajectory, never seen by
+    # the Hessians and Fisher weights the copies were made with) or the "calibration" samples
+    score: str = "heldout"
 
     def validate(self) -> None:
         if self.policy not in POLICIES:
@@ -403,9 +415,36 @@ class SearchOptions:
             raise InputError(f"search: sensitivity must be 'measured' or 'analysis', got {self.sensitivity!r}")
         if self.sensitivity_samples < 1:
             raise InputError(f"search: sensitivity_samples must be >= 1, got {self.sensitivity_samples}")
+        if self.score not in SCORES:
+            raise InputError(f"search: score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.pace is not None and self.pace < 0:
             raise InputError(f"search: pace slack must be >= 0, got {self.pace}")
         target_lattice(self.target)
+
+
+#: the samples the search scores on (SearchOptions.score)
+SCORES = ("heldout", "calibration")
+#: the first seed of the held-out search samples (calibration seeds start at 10 000, the evaluation
+#: harness uses 0..n-1)
+HELDOUT_SEED0 = 20_000
+
+
+def heldout_set(calib: Any, samples: int) -> tuple[Any, torch.Tensor, list[int]]:
+    """Search samples that are not calibration samples: the calibration set's conditions with
+    seeds from :data:`HELDOUT_SEED0` (one seed per condition first, then the next seeds), their FP
+    trajectory ``[S+1, N, ...]`` and the sample indices in search order."""
+    from .calibration import CalibrationSet
+
+    n_cond = len(calib.conditions)
+    n_seeds = -(-samples // n_cond)
+    held = CalibrationSet(calib.denoiser, calib.conditions, tuple(range(HELDOUT_SEED0, HELDOUT_SEED0 + n_seeds)),
+                          calib.schedule, calib.guidance, labels=calib.labels, batch=calib.batch)
+    order = [c * n_seeds + s for s in range(n_seeds) for c in range(n_cond)][:samples]
+    lat = torch.zeros(calib.num_steps + 1, held.num_samples, *calib.denoiser.latent_shape())
+    with torch.inference_mode():
+        for idx in held.batches():
+            lat[:, idx[0]:idx[-1] + 1] = torch.stack(held.sample_batch(idx).latents)
+    return held, lat, order
 
 
 #: the policy families the search may return (the ablations of the time and layer dimensions):
@@ -429,6 +468,16 @@ def policy_candidates(policy: str, errors: np.ndarray, lattice: Sequence[Precisi
         static = allocation_candidates(errors.sum(0), lattice, costs, budget, levels)
         return lambda k: static
     return lambda k: allocation_candidates(errors[k], lattice, costs, budget, levels)
+
+
+def uniform_anchor(lattice: Sequence[Precision], budget: Budget, num_groups: int) -> Assignment | None:
+    """The uniform assignment at the most bits the budget allows for every group at every step
+    (W4A4 for a W4A4 budget; None if no lattice point fits)."""
+    fits = [i for i, p in enumerate(lattice) if p.w_bits <= budget.w_bits + 1e-9 and p.a_bits <= budget.a_bits + 1e-9]
+    if not fits:
+        return None
+    best = max(fits, key=lambda i: (lattice[i].w_bits + lattice[i].a_bits, lattice[i].a_bits))
+    return (best,) * num_groups
 
 
 def measured_sensitivity(step_fn: Callable, fp_states: torch.Tensor, num_groups: int, lattice: Sequence[Precision],
@@ -480,7 +529,8 @@ def sensitivity_table(graph: Any, lattice: Sequence[Precision]) -> tuple[dict[st
 
 
 def layer_transform_factory(transformer: Any, graph: Any, weights: str = "gptq-fisher",
-                            prep: dict[str, Any] | None = None, group_size: int | None = None) -> Callable:
+                            prep: dict[str, Any] | None = None, group_size: int | None = None,
+                            fisher_mix: float = 1.0) -> Callable:
     """``make(param, precision) -> LayerTransform``: the weights a precision runs with. ``rtn``:
     round to nearest; ``gptq`` / ``gptq-fisher``: GPTQ with the uniform / Fisher-weighted Hessian
     of the ``adatsq.hessian`` annotations. Activations: per-token dynamic at the precision's bits.
@@ -488,8 +538,10 @@ def layer_transform_factory(transformer: Any, graph: Any, weights: str = "gptq-f
     With ``prep`` (param -> :class:`~adatsq.passes.weights.LayerPrep`), a layer's copies quantize
     its smoothed low-rank residual and run with its smoothing and 16-bit branch; ``group_size``
     quantizes in groups of that many inputs where it divides them (else per channel). The
-    quantized copies made are kept in ``make.copies[(param, bits, group)]`` for the weights pass."""
+    quantized copies made are kept in ``make.copies[(param, bits, group)]`` for the weights pass.
+    ``fisher_mix`` tempers the Fisher weighting (:func:`~adatsq.passes.weights.mix_hessians`)."""
     from .gptq import gptq
+    from .weights import mix_hessians
     from .quant import quantize_weight
     from .transforms import LayerTransform
 
@@ -515,7 +567,7 @@ def layer_transform_factory(transformer: Any, graph: Any, weights: str = "gptq-f
                 h = get_annotation(nodes[param][0], HessianRef)
                 if h is None:
                     raise InputError(f"search: {param} has no Hessian for GPTQ weights (use weights='rtn')")
-                hm = h.mean(1 if weights == "gptq-fisher" else 0)
+                hm = (mix_hessians(h.mean(0), h.mean(1), fisher_mix) if weights == "gptq-fisher" else h.mean(0))
                 copies[key] = gptq(wq, pr.hessian(hm) if pr is not None else hm, prec.w_bits, group)
         deq = copies[key].dequantize().reshape(wq.shape)
         return pr.transform(deq, prec.a_bits) if pr is not None else LayerTransform(deq, prec.a_bits)
@@ -543,15 +595,19 @@ def search_plan(graph: Any, calib: Any, fp_latents: Any, budget: Budget, options
     options.validate()
     transformer = calib.denoiser.transformer
     make = make_transform or layer_transform_factory(transformer, graph)
-    switch = SwitchableLayers({p: {prec.name: make(p, prec) for prec in lattice} for ls in groups.values()
-                               for p in ls})
-    n_seeds = len(calib.seeds)
-    order = [c * n_seeds + s for s in range(n_seeds) for c in range(len(calib.conditions))]
-    samples = order[:min(options.samples, len(order))]
-    step_fn = model_step_fn(calib, switch, groups, lattice, fp_latents, samples)
     lo = min(range(len(lattice)), key=lambda i: (lattice[i].w_bits, lattice[i].a_bits))
     forced = (lattice[lo].w_bits >= budget.w_bits - 1e-9 and lattice[lo].a_bits >= budget.a_bits - 1e-9
               and all(p.w_bits >= lattice[lo].w_bits and p.a_bits >= lattice[lo].a_bits for p in lattice))
+    # a forced budget runs the cheapest point only: no other precision's copies are made
+    switch = SwitchableLayers({p: {prec.name: make(p, prec) for prec in (lattice[lo:lo + 1] if forced else lattice)}
+                               for ls in groups.values() for p in ls})
+    if options.score == "heldout":
+        calib, fp_latents, samples = heldout_set(calib, options.samples)
+    else:
+        n_seeds = len(calib.seeds)
+        order = [c * n_seeds + s for s in range(n_seeds) for c in range(len(calib.conditions))]
+        samples = order[:min(options.samples, len(order))]
+    step_fn = model_step_fn(calib, switch, groups, lattice, fp_latents, samples)
     if forced:  # the budget equals the lattice's cheapest point: the only feasible policy is that point everywhere
         errors = np.zeros_like(errors)
         errors[:, :, [i for i in range(len(lattice)) if i != lo]] = 1.0
@@ -564,7 +620,8 @@ def search_plan(graph: Any, calib: Any, fp_latents: Any, budget: Budget, options
         res = beam_search(calib.num_steps, lattice, costs, budget,
                           policy_candidates(options.policy, errors, lattice, costs, budget, options.levels),
                           step_fn, fp_latents[0, samples].clone(), beam=options.beam, progress=progress,
-                          static=options.policy in ("per-layer", "uniform"), pace=options.pace)
+                          static=options.policy in ("per-layer", "uniform"), pace=options.pace,
+                          anchor=uniform_anchor(lattice, budget, len(groups)) if options.anchor else None)
     names = list(groups)
     group_of = {p: n for n, ls in groups.items() for p in ls}
     layers = tuple(table.names)

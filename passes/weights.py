@@ -131,6 +131,18 @@ def prepare_layers(calib: Any, latents: torch.Tensor, layers: Iterable[str], w_b
     return out
 
 
+def mix_hessians(uniform: torch.Tensor, fisher: torch.Tensor, mix: float) -> torch.Tensor:
+    """``(1 - mix) E_uniform[x x^T] + mix E_fisher[x x^T]``: the temporal Fisher weighting
+    tempered towards the uniform average over steps (``mix`` 1: the paper's ``H'``; 0: plain GPTQ).
+    Both are per-token second moments, so the mix weights step ``t`` by
+    ``(1 - mix) / S + mix alpha[t]``."""
+    if mix >= 1.0:
+        return fisher
+    if mix <= 0.0:
+        return uniform
+    return (1.0 - mix) * uniform + mix * fisher
+
+
 def _packed(bits: int) -> bool:
     return bits <= 4
 
@@ -153,9 +165,14 @@ class GPTQWeights(Pass):
                  path: str | Path, hessian: str = "fisher", options: GPTQOptions = GPTQOptions(),
                  progress: Callable[[str, int, int], None] | None = None,
                  prep: Mapping[str, LayerPrep] | None = None,
-                 precomputed: Mapping[tuple[str, int, int | None], QuantizedWeight] | None = None):
+                 precomputed: Mapping[tuple[str, int, int | None], QuantizedWeight] | None = None,
+                 fisher_mix: float = 1.0):
         if hessian not in HESSIANS:
             raise InputError(f"weights: unknown Hessian {hessian!r} (known: {', '.join(HESSIANS)})")
+        if not 0.0 <= fisher_mix <= 1.0:
+            raise InputError(f"weights: the Fisher mix must lie in [0, 1], got {fisher_mix}")
+        # hessian "fisher": H = (1 - mix) E_uniform[x x^T] + mix E_fisher[x x^T] (mix 1: the paper's H')
+        self.fisher_mix = float(fisher_mix)
         options.validate()
         self.transformer = transformer
         self.requests = {p: tuple(dict.fromkeys((int(b), g) for b, g in v)) for p, v in requests.items()}
@@ -215,7 +232,7 @@ class GPTQWeights(Pass):
             hu = sums[0] / max(ref.counts[0], 1e-30) if sums is not None else None
             hq = None
             if self.hessian == "fisher":
-                hq = sums[1] / max(ref.counts[1], 1e-30)
+                hq = mix_hessians(hu, sums[1] / max(ref.counts[1], 1e-30), self.fisher_mix)
             elif self.hessian == "uniform":
                 hq = hu
             norm = weighted_error(w, torch.zeros_like(w), hu) if hu is not None else float("nan")
@@ -279,7 +296,8 @@ class GPTQWeights(Pass):
                 specs.append((f"{name}.scales", torch.float32, (o, 1 if group is None else k // group)))
                 index.append(dict(name=name, param=p, bits=bits, group_size=group, shape=[o, k],
                                   weight_shape=list(params[p].shape), packed=_packed(bits)))
-        meta = {FORMAT: json.dumps(dict(version=1, hessian=self.hessian, copies=index, preps=preps,
+        meta = {FORMAT: json.dumps(dict(version=1, hessian=self.hessian, fisher_mix=self.fisher_mix,
+                                        copies=index, preps=preps,
                                         gptq=dataclasses.asdict(self.options)))}
         stream_safetensors(self.path, specs, self._layer_copies(graph), meta)
         for p, (rtn_err, err) in self._errors.items():

@@ -319,3 +319,48 @@ def test_measured_sensitivity_quantizes_one_group_at_a_time(analysed_tiny):
     assert err[k, g, 0] == pytest.approx(one, rel=1e-4)
     assert (err[:, :, 0].sum() > err[:, :, 3].sum())  # W3A3 errs more than W8A8 in total
     assert torch.isfinite(torch.from_numpy(err)).all()
+
+
+def test_the_uniform_anchor_keeps_the_search_from_ending_worse_than_uniform():
+    # a trap for a narrow beam: W8 + W4 at step 0 has the lowest error so far, but spends the budget
+    # the last two steps need, which then run W3A3 everywhere
+    costs = Costs(params=(1.0, 1.0), macs=(1.0, 1.0))
+    per = np.array([1.0, 0.3, 0.01])  # W3A3, W4A4, W8A8 error of one group at one step
+    all_asg = list(itertools.product(range(3), repeat=2))
+
+    def step_fn(state, k, asgs):
+        return [(state + per[a[0]] + per[a[1]],) * 2 for a in asgs]
+
+    budget = Budget(4.0, 4.0)
+    greedy = beam_search(3, LATTICE, costs, budget, lambda k: all_asg, step_fn, 0.0, beam=1)
+    anchored = beam_search(3, LATTICE, costs, budget, lambda k: all_asg, step_fn, 0.0, beam=1, anchor=(1, 1))
+    uniform = 3 * 2 * per[1]
+    assert greedy.error > uniform + 1.0  # the trap works without the anchor
+    assert anchored.error <= uniform + 1e-12 and anchored.policy == ((1, 1),) * 3
+    assert anchored.achieved.w_bits <= 4.0 + 1e-9 and anchored.achieved.a_bits <= 4.0 + 1e-9
+
+
+def test_uniform_anchor_is_the_most_bits_the_budget_allows_everywhere():
+    from adatsq.passes.search import uniform_anchor
+
+    assert uniform_anchor(LATTICE, Budget(4.0, 4.0), 3) == (1, 1, 1)
+    assert uniform_anchor(LATTICE, Budget(6.0, 9.0), 2) == (1, 1)
+    assert uniform_anchor(LATTICE, Budget(8.0, 8.0), 2) == (2, 2)
+    assert uniform_anchor(LATTICE, Budget(2.0, 8.0), 2) is None
+
+
+def test_heldout_search_samples_are_not_calibration_samples(analysed_tiny):
+    import torch
+
+    from adatsq.passes.search import HELDOUT_SEED0, SearchOptions, heldout_set
+
+    _, calib, res = analysed_tiny
+    held, lat, order = heldout_set(calib, 3)
+    assert not set(held.seeds) & set(calib.seeds) and min(held.seeds) == HELDOUT_SEED0
+    assert lat.shape == (calib.num_steps + 1, held.num_samples, *res.results["trajectory"].shape[2:])
+    assert len(order) == 3 and len({i // len(held.seeds) for i in order[:2]}) == 2  # every condition first
+    again = held.sample_batch([order[0]])
+    # their own FP trajectory (sampled alone here, in one batch there: equal up to float summation order)
+    assert torch.allclose(torch.stack(again.latents)[:, 0], lat[:, order[0]], atol=1e-4)
+    with pytest.raises(InputError, match="score must be"):
+        SearchOptions(score="test-set").validate()

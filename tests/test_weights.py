@@ -174,3 +174,15 @@ def test_precomputed_copies_are_written_as_given_and_preps_round_trip(analysed, 
     x = torch.randn(5, k, generator=g)
     y = (x / prep.smooth) @ prep.residual(w).T + ((x / prep.smooth) @ prep.low_rank[1].T) @ prep.low_rank[0].T
     assert torch.allclose(y, x @ w.T, atol=1e-4)
+
+
+def test_fisher_mix_tempers_the_weighted_hessian():
+    import torch
+
+    from adatsq.passes.weights import mix_hessians
+
+    u, f = torch.eye(3), torch.diag(torch.tensor([3.0, 1.0, 0.0]))
+    assert torch.equal(mix_hessians(u, f, 1.0), f) and torch.equal(mix_hessians(u, f, 0.0), u)
+    assert torch.allclose(mix_hessians(u, f, 0.25), 0.75 * u + 0.25 * f)
+    with pytest.raises(InputError, match="Fisher mix"):
+        GPTQWeights(torch.nn.Linear(4, 4), {"weight": [(4, None)]}, "/nonexistent/w.safetensors", fisher_mix=1.5)

@@ -40,3 +40,18 @@ def test_table_labels_plans_by_their_report_and_merges_jsons(tmp_path):
     assert not (tmp_path / "u.md").exists()
     (tmp_path / "d.json").write_text("[1, 2]")
     assert search_table.main([str(tmp_path / "d.json"), "--out", str(tmp_path / "v")]) == 2
+
+
+def test_builds_from_before_an_option_existed_are_labelled_by_what_they_did(tmp_path):
+    legacy = {k: v for k, v in search_table.DEFAULTS.items() if k not in search_table.LEGACY}
+    assert search_table.build_label(dict(options=legacy), "plan:x") == (
+        "ablation: no uniform anchor, scored on calibration samples", False)
+    assert search_table.build_label(dict(options=dict(search_table.DEFAULTS)), "plan:x") == ("AdaTSQ (ours)", True)
+    mixed = dict(search_table.DEFAULTS, fisher_mix=0.5)
+    assert search_table.build_label(dict(options=mixed), "plan:x")[0] == "ablation: Fisher mix 0.5"
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps(_eval({"fp": _row(16, 16, 0.98, 2.3), "w4a4-svdquant": _row(4, 4, 0.97, 2.0, 33.0),
+                                   "w4a4-rtn": _row(4, 4, 0.9, 6.0, 21.0)})))
+    assert search_table.main([str(a), "--out", str(tmp_path / "t"), "--exclude", "w4a4-rtn"]) == 0
+    assert "RTN" not in (tmp_path / "t.md").read_text()
+    assert search_table.main([str(a), "--out", str(tmp_path / "u"), "--exclude", "w4a4-nope"]) == 2

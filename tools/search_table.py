@@ -22,7 +22,9 @@ from .quality_table import LABELS
 
 #: the default build options (tools/build.py: BuildOptions); a build that differs is an ablation
 DEFAULTS = dict(policy="dynamic", beam=4, weights="gptq-fisher", base="lowrank", rank=32, search_samples=10, pace=0.1,
-                search_sensitivity="measured")
+                search_sensitivity="measured", anchor=True, search_score="heldout", fisher_mix=1.0)
+#: what builds made before an option existed did (their reports do not name it)
+LEGACY = dict(anchor=False, search_score="calibration", fisher_mix=1.0)
 
 
 def build_label(report: dict[str, Any] | None, variant: str) -> tuple[str, bool]:
@@ -30,13 +32,16 @@ def build_label(report: dict[str, Any] | None, variant: str) -> tuple[str, bool]
     if report is None:
         return variant, False
     o = report.get("options", {})
+    o = {**LEGACY, **o}
     diffs = [f"{k}={o.get(k)}" for k in DEFAULTS if k in o and o.get(k) != DEFAULTS[k]]
     if not diffs:
         return "AdaTSQ (ours)", True
     names = {"policy=per-step": "per-step only", "policy=per-layer": "per-layer only (static)",
              "policy=uniform": "uniform (searched)", "beam=1": "greedy (K = 1)", "weights=gptq": "uniform-H GPTQ",
              "weights=rtn": "RTN weights", "base=plain": "no low-rank base",
-             "pace=None": "no budget pacing", "search_sensitivity=analysis": "RTN sensitivity candidates"}
+             "pace=None": "no budget pacing", "search_sensitivity=analysis": "RTN sensitivity candidates",
+             "anchor=False": "no uniform anchor", "search_score=calibration": "scored on calibration samples"}
+    names.update({f"fisher_mix={o['fisher_mix']}": f"Fisher mix {o['fisher_mix']:g}"})
     return "ablation: " + ", ".join(names.get(d, d) for d in diffs), False
 
 
@@ -45,7 +50,7 @@ BUILDS: list[Path] = []
 
 
 def _report(variant: str) -> dict[str, Any] | None:
-    d = Path(variant[len("plan:"):])
+    d = Path(variant.split(":", 1)[1])
     for f in [d / "report.json"] + [b / d.name / "report.json" for b in BUILDS]:
         try:
             return json.loads(f.read_text())
@@ -61,7 +66,7 @@ def rows(result: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         row = dict(variant=v, w=r["w_bits"], a=r["a_bits"], acc=r["judge_accuracy"], fid=r["fid"],
                    psnr=r.get("psnr_vs_fp"), ssim=r.get("ssim_vs_fp"))
-        if v.startswith("plan:"):
+        if v.split(":", 1)[0] in ("plan", "deployed", "ort"):
             rep = _report(v)
             row["label"], row["adatsq"] = build_label(rep, v)
             row["search_error"] = rep["search"]["final_error"] if rep else None
@@ -128,6 +133,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ours = sorted(((r["w"] + r["a"]) / 2, r[key]) for r in rs if r["adatsq"] and r[key] is not None)
         if ours:
             ax.plot(*zip(*ours), "k*-", ms=11, lw=2, label="AdaTSQ (ours)")
+        abl = [((r["w"] + r["a"]) / 2, r[key]) for r in rs if r["kind"] == "plan" and not r["adatsq"]
+               and r[key] is not None]
+        if abl:
+            ax.plot(*zip(*abl), "x", color="0.45", ms=6, label="AdaTSQ ablations (any budget)")
         fp = next(r for r in rs if r["kind"] == "fp")
         if key == "fid":
             ax.axhline(fp["fid"], color="0.5", ls="--", lw=1, label="FP")
@@ -150,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.md and PREFIX.png")
     ap.add_argument("--builds", action="append", default=[], metavar="DIR",
                     help="also look for a plan's report.json in DIR/<build name>/ (copies of the build directories)")
+    ap.add_argument("--exclude", action="append", default=[], metavar="VARIANT",
+                    help="leave out a variant (e.g. plan:out/builds/old, superseded by a rebuild)")
     args = ap.parse_args(argv)
     BUILDS[:] = [Path(b) for b in args.builds]
     try:
@@ -166,6 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     raise InputError(f"{path}: {key} differs from {args.eval_json[0]} ({r.get(key)} vs {result.get(key)})")
             for v, row in r["variants"].items():
                 result["variants"].setdefault(v, row)
+        for v in args.exclude:
+            if result["variants"].pop(v, None) is None:
+                raise InputError(f"--exclude {v}: no such variant in the eval JSONs")
         prefix = Path(args.out)
         prefix.parent.mkdir(parents=True, exist_ok=True)
         md = markdown(result)

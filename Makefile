@@ -12,6 +12,8 @@ DIFFUSERS_PIN := diffusers==0.42.1
 
 # the demo's sizes (2 CPU cores, < 10 min from scratch): search scored on 6 calibration samples, eval on 64
 DEMO_SEARCH_SAMPLES ?= 6
+# the deployment target's default budget: average 6-bit weights (W4A16 and W8A8 copies), 12-bit activations
+DEMO_BUDGET ?= W6A12
 DEMO_N ?= 64
 
 .PHONY: demo test bench clean data table
@@ -41,9 +43,12 @@ demo: $(VENV)/.installed data
 	$(ADATSQ) inspect $(MODEL) --json $(OUT)/$(MODEL).layers.json
 	$(ADATSQ) export $(MODEL) -o $(OUT)/$(MODEL).onnx
 	$(ADATSQ) inspect $(OUT)/$(MODEL).onnx
-	$(ADATSQ) build $(MODEL) -o $(OUT)/build --budget W4A4 --search-samples $(DEMO_SEARCH_SAMPLES) --cache $(OUT)/cache
-	$(ADATSQ) eval $(MODEL) -n $(DEMO_N) --plan $(OUT)/build --variant w4a4-rtn \
+	$(ADATSQ) build $(MODEL) -o $(OUT)/build --target onnxruntime --budget $(DEMO_BUDGET) \
+	  --search-samples $(DEMO_SEARCH_SAMPLES) --cache $(OUT)/cache
+	$(ADATSQ) check $(OUT)/build
+	$(ADATSQ) eval $(MODEL) -n $(DEMO_N) --plan $(OUT)/build --ort $(OUT)/build --variant w8a8-rtn \
 	  --json $(OUT)/eval.json --md $(OUT)/eval.md --grid $(OUT)/eval.png
+	$(ADATSQ) run $(OUT)/build --class 3 --seed 0 -n 8 --out $(OUT)/run.png
 
 test: $(VENV)/.installed data
 	$(PY) -m pytest -q -n 2 -p no:cacheprovider

@@ -530,7 +530,7 @@ def sensitivity_table(graph: Any, lattice: Sequence[Precision]) -> tuple[dict[st
 
 def layer_transform_factory(transformer: Any, graph: Any, weights: str = "gptq-fisher",
                             prep: dict[str, Any] | None = None, group_size: int | None = None,
-                            fisher_mix: float = 1.0) -> Callable:
+                            fisher_mix: float = 1.0, group_max_bits: int = 8) -> Callable:
     """``make(param, precision) -> LayerTransform``: the weights a precision runs with. ``rtn``:
     round to nearest; ``gptq`` / ``gptq-fisher``: GPTQ with the uniform / Fisher-weighted Hessian
     of the ``adatsq.hessian`` annotations. Activations: per-token dynamic at the precision's bits.
@@ -539,7 +539,8 @@ def layer_transform_factory(transformer: Any, graph: Any, weights: str = "gptq-f
     its smoothed low-rank residual and run with its smoothing and 16-bit branch; ``group_size``
     quantizes in groups of that many inputs where it divides them (else per channel). The
     quantized copies made are kept in ``make.copies[(param, bits, group)]`` for the weights pass.
-    ``fisher_mix`` tempers the Fisher weighting (:func:`~adatsq.passes.weights.mix_hessians`)."""
+    ``group_max_bits``: wider copies are per output channel (deployment targets run INT8 weights
+    per channel). ``fisher_mix`` tempers the Fisher weighting (:func:`~adatsq.passes.weights.mix_hessians`)."""
     from .gptq import gptq
     from .weights import mix_hessians
     from .quant import quantize_weight
@@ -558,7 +559,8 @@ def layer_transform_factory(transformer: Any, graph: Any, weights: str = "gptq-f
             return LayerTransform(w, prec.a_bits)  # 16-bit: the layer as it is
         pr = prep.get(param)
         wq = pr.residual(w) if pr is not None else w
-        group = group_size if group_size and wq.shape[1] % group_size == 0 else None
+        group = (group_size if group_size and prec.w_bits <= group_max_bits and wq.shape[1] % group_size == 0
+                 else None)
         key = (param, prec.w_bits, group)
         if key not in copies:
             if weights == "rtn":

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from .quant import fake_quant_tokens, fake_quant_weight
+from .quant import fake_quant_static, fake_quant_tokens, fake_quant_weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,9 @@ class LayerTransform:
     smooth: torch.Tensor | None = None  # s [K]
     rotation: torch.Tensor | None = None  # R [K, K]
     low_rank: tuple[torch.Tensor, torch.Tensor] | None = None  # (A [O, r], B [r, K])
+    # deployed numerics (backends/onnx_qdq.py): a static per-tensor activation scale from calibration
+    # replaces the search's dynamic per-token Q_a (None: per token, the simulation's default)
+    act_scale: torch.Tensor | float | None = None
 
     def __post_init__(self):
         # a block-diagonal rotation with equal blocks (block_hadamard) is applied block-wise:
@@ -53,7 +56,8 @@ class LayerTransform:
         """The same transform with its tensors on ``device``."""
         mv = (lambda t: None if t is None else t.to(device))
         return LayerTransform(self.weight.to(device), self.a_bits, mv(self.smooth), mv(self.rotation),
-                              None if self.low_rank is None else tuple(t.to(device) for t in self.low_rank))
+                              None if self.low_rank is None else tuple(t.to(device) for t in self.low_rank),
+                              self.act_scale.to(device) if isinstance(self.act_scale, torch.Tensor) else self.act_scale)
 
     def input(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth is not None:
@@ -69,7 +73,9 @@ class LayerTransform:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         xt = self.input(x)
-        y = F.linear(fake_quant_tokens(xt, self.a_bits), self.weight, bias)
+        xq = (fake_quant_tokens(xt, self.a_bits) if self.act_scale is None
+              else fake_quant_static(xt, self.a_bits, self.act_scale))
+        y = F.linear(xq, self.weight, bias)
         if self.low_rank is not None:
             a, b = self.low_rank
             y = y + (xt @ b.T) @ a.T

@@ -21,6 +21,19 @@ def test_build_options_fail_before_any_work(bad, msg):
     BuildOptions().validate()
 
 
+def test_each_target_has_a_feasible_default_budget():
+    from adatsq.tools.build import DEFAULT_BUDGETS, group_max_bits
+
+    assert BuildOptions().target == "onnxruntime" and BuildOptions().resolved().budget == "W6A12"
+    assert BuildOptions(target="simulate").resolved().budget == "W4A4"
+    assert BuildOptions(budget="W8A8").resolved().budget == "W8A8"  # a given budget is kept
+    for target in DEFAULT_BUDGETS:
+        BuildOptions(target=target).validate()
+    with pytest.raises(InputError, match="infeasible budget W4A4"):  # the deployment lattice has no 4-bit activations
+        BuildOptions(budget="W4A4").validate()
+    assert group_max_bits("simulate") == 8 and group_max_bits("tensorrt") == 4 == group_max_bits("onnxruntime")
+
+
 def test_stage_cache_round_trips_and_distrusts_damaged_entries(analysed_tiny, tmp_path):  # noqa: F811
     from adatsq.passes.analysis import layer_nodes
     from adatsq.passes.annotations import get_annotation

@@ -364,3 +364,19 @@ def test_heldout_search_samples_are_not_calibration_samples(analysed_tiny):
     assert torch.allclose(torch.stack(again.latents)[:, 0], lat[:, order[0]], atol=1e-4)
     with pytest.raises(InputError, match="score must be"):
         SearchOptions(score="test-set").validate()
+
+
+def test_deployment_targets_keep_8_bit_copies_per_channel(analysed_tiny):
+    from adatsq.passes.analysis import layer_nodes
+    from adatsq.passes.plan import Precision
+    from adatsq.passes.search import layer_transform_factory
+
+    graph, calib, _ = analysed_tiny
+    tr = calib.denoiser.transformer
+    params = dict(tr.named_parameters())
+    p = next(q for q in layer_nodes(graph) if params[q].ndim == 2 and params[q].shape[1] % 16 == 0)
+    for gmax, want8 in ((8, 16), (4, None)):
+        make = layer_transform_factory(tr, graph, "rtn", group_size=16, group_max_bits=gmax)
+        make(p, Precision("W4A16", 4, 16))
+        make(p, Precision("W8A8", 8, 8))
+        assert set(make.copies) == {(p, 4, 16), (p, 8, want8)}, gmax

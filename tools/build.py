@@ -22,8 +22,8 @@ from ..errors import InputError
 @dataclasses.dataclass(frozen=True)
 class BuildOptions:
     model: str = "flux-fmnist"
-    budget: str = "W4A4"
-    target: str = "simulate"
+    budget: str | None = None  # None: the target's default (DEFAULT_BUDGETS)
+    target: str = "onnxruntime"
     beam: int = 4
     search_samples: int = 10
     weights: str = "gptq-fisher"  # the weights the search scores and the build writes
@@ -34,20 +34,46 @@ class BuildOptions:
     pace: float | None = 0.1  # budget pacing slack of the beam search (None: off)
     search_sensitivity: str = "measured"  # candidates from errors measured with the plan's layers, or "analysis"
     sensitivity_samples: int = 4
+    fisher_mix: float = 1.0  # Fisher-weighted Hessian tempered towards the uniform one (1: the paper's H')
+    anchor: bool = True  # keep the uniform policy at the budget in the beam
+    search_score: str = "heldout"  # the samples the search scores on: heldout seeds or calibration samples
     cache_dir: str | None = None
+
+    def resolved(self) -> "BuildOptions":
+        """These options with the budget filled in from the target's default."""
+        if self.budget is not None:
+            return self
+        if self.target not in DEFAULT_BUDGETS:
+            from ..passes.search import target_lattice
+
+            target_lattice(self.target)  # an unknown target: the clear error
+        return dataclasses.replace(self, budget=DEFAULT_BUDGETS[self.target])
 
     def validate(self) -> None:
         from ..passes.search import WEIGHTS, SearchOptions, check_budget, parse_budget, target_lattice
 
-        check_budget(target_lattice(self.target), parse_budget(self.budget))
+        check_budget(target_lattice(self.target), parse_budget(self.resolved().budget))
         SearchOptions(self.target, self.beam, self.search_samples, policy=self.policy, pace=self.pace,
-                      sensitivity=self.search_sensitivity).validate()
+                      sensitivity=self.search_sensitivity, anchor=self.anchor, score=self.search_score).validate()
         if self.weights not in WEIGHTS:
             raise InputError(f"build: unknown weights {self.weights!r} ({', '.join(WEIGHTS)})")
         if self.base not in BASES:
             raise InputError(f"build: unknown base {self.base!r} ({', '.join(BASES)})")
+        if not 0.0 <= self.fisher_mix <= 1.0:
+            raise InputError(f"build: --fisher-mix must lie in [0, 1], got {self.fisher_mix}")
         if self.rank < 0 or self.group_size < 0 or self.sensitivity_samples < 1:
             raise InputError("build: rank and group size must be >= 0, sensitivity samples >= 1")
+
+
+#: the budget a target builds for when none is given: the paper's W4A4 when simulating; for the
+#: deployment lattices (W4A16 / W8A8 / 16-bit and the like) a weight budget between the 4- and 8-bit
+#: copies and an activation budget that makes some layers take 8-bit (integer) activations
+DEFAULT_BUDGETS = {"simulate": "W4A4", "onnxruntime": "W6A12", "tensorrt": "W6A12", "torch-cuda": "W5A8"}
+
+#: deployment targets run 8-bit weights per output channel (TensorRT and onnxruntime's INT8 GEMMs
+#: take no blocked INT8 weights); only 4-bit and narrower copies use the base's groups there
+def group_max_bits(target: str) -> int:
+    return 8 if target == "simulate" else 4
 
 
 #: how each precision's weights are built: ``lowrank`` AdaTSQ on an SVDQuant-style base (per layer
@@ -71,6 +97,7 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     from .io import atomic_write_text
 
     opts.validate()  # bad options and an infeasible budget fail before any work
+    opts = opts.resolved()
     budget = parse_budget(opts.budget)
     lattice = target_lattice(opts.target)
     if opts.model not in REFERENCE_RESOLUTIONS:
@@ -105,7 +132,8 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
         from_cache["base"] = prep is not None
         if prep is None:
             # smoothing searched at the budget's precision (rounded), shared by every precision of a layer
-            ref_bits = (max(2, round(budget.w_bits)), max(2, round(budget.a_bits)))
+            # (clamped to 2..8: a budget like W6A12 searches its smoothing for 8-bit activations)
+            ref_bits = tuple(min(8, max(2, round(b))) for b in (budget.w_bits, budget.a_bits))
             prep = prepare_layers(calib, res.results["trajectory"], linear_layers(graph, ref.denoiser.transformer),
                                   *ref_bits, rank=opts.rank,
                                   progress=lambda stage, done, total: prog(f"base: {stage}", done, total))
@@ -115,14 +143,17 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
         group = opts.group_size or None
         timings["base"] = time.perf_counter() - t
     t = time.perf_counter()
-    make = layer_transform_factory(ref.denoiser.transformer, graph, opts.weights, prep=prep, group_size=group)
+    make = layer_transform_factory(ref.denoiser.transformer, graph, opts.weights, prep=prep, group_size=group,
+                                   fisher_mix=opts.fisher_mix, group_max_bits=group_max_bits(opts.target))
     cached = stage_cache.load_search(graph)
     from_cache["search"] = cached is not None
     if cached is None:
         plan, sres, groups = search_plan(graph, calib, res.results["trajectory"], budget,
                                          SearchOptions(opts.target, opts.beam, opts.search_samples,
                                                        policy=opts.policy, pace=opts.pace,
-                                                       sensitivity=opts.search_sensitivity),
+                                                       sensitivity=opts.search_sensitivity,
+                                                       sensitivity_samples=opts.sensitivity_samples,
+                                                       anchor=opts.anchor, score=opts.search_score),
                                          make, progress=lambda done, total: prog("search", done, total),
                                          sensitivity_progress=lambda d, t: prog("search: sensitivity", d, t))
         stage_cache.save_search(plan, sres, groups)
@@ -137,7 +168,7 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     for i, p in enumerate(plan.layers):
         bits = {by_name[row[i]].w_bits for row in plan.assignment}
         g = group if group and params[p].shape[1] % group == 0 else None
-        requests[p] = [(b, g) for b in sorted(bits) if b < 16]
+        requests[p] = [(b, g if b <= group_max_bits(opts.target) else None) for b in sorted(bits) if b < 16]
     requests = {p: v for p, v in requests.items() if v}
     hess = "none" if opts.weights == "rtn" else ("uniform" if opts.weights == "gptq" else "fisher")
     # the copies the search scored are written as they are (same Hessian, same residual)
@@ -145,7 +176,7 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     if not from_cache["weights"]:
         wpass = GPTQWeights(ref.denoiser.transformer, requests, out / "weights.safetensors", hessian=hess,
                             progress=lambda stage, done, total: prog("weights", done, total), prep=prep,
-                            precomputed=make.copies)
+                            precomputed=make.copies, fisher_mix=opts.fisher_mix)
         wpass(graph)
         stage_cache.keep_weights(out / "weights.safetensors")
     else:
@@ -164,7 +195,26 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
                   seconds={k: round(v, 2) for k, v in timings.items()},
                   from_cache=from_cache,  # stages taken from the build cache (the analysis has its own)
                   analysis_computed=dict(res.computed))
+    # --- ONNX Q/DQ lowering (backends/onnx_qdq.py): OUT/onnx for the deployment targets ---------
+    if opts.target in ("onnxruntime", "tensorrt"):
+        from ..backends.onnx_qdq import lower_build
+
+        t = time.perf_counter()
+        manifest = lower_build(out, model=opts.model, target=opts.target, log=log,
+                               progress=lambda stage, done, total: prog(f"onnx: {stage}", done, total))
+        report["seconds"]["onnx"] = round(time.perf_counter() - t, 2)
+        report["onnx"] = dict(segments=len(manifest["segments"]), sizes=manifest["sizes"], notes=manifest["notes"])
+    # ---------------------------------------------------------------------------------------------
     atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
+    if opts.target == "tensorrt":
+        # one engine per segment; without TensorRT this stops with a clear error after the ONNX, the
+        # report and BUILD/tensorrt/trtexec.sh are written (no engine is pretended)
+        from ..backends.tensorrt import build_engines
+
+        t = time.perf_counter()
+        report["tensorrt"] = build_engines(out, log=log)
+        report["seconds"]["tensorrt"] = round(time.perf_counter() - t, 2)
+        atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
     return report
 
 

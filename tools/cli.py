@@ -9,6 +9,7 @@
     adatsq build   [MODEL] -o DIR --budget W4A4       analysis -> search -> GPTQ: plan, weights, report, plots
     adatsq inspect MODEL --analysis DIR               show an analysis: tables and heatmaps
     adatsq models                                     the builtin models
+    adatsq run     BUILD --class 3 --seed 0 --out IMG  sample a lowered build on onnxruntime
 
 Errors caused by the input are printed on one line and exit with code 2; nothing is half-written.
 """
@@ -236,6 +237,7 @@ def cmd_eval(args) -> int:
             for bits in args.bits:
                 variants.append(f"{bits.lower()}-{method.lower()}")
     variants += [f"plan:{d}" for d in (args.plan or [])]
+    variants += [f"deployed:{d}" for d in (args.deployed or [])] + [f"ort:{d}" for d in (args.ort or [])]
     cfg = EvalConfig(model=args.model, variants=tuple(variants or ("fp",)), n=args.n, classes=classes,
                      seed=args.seed, steps=args.steps, guidance=args.guidance, batch=args.batch,
                      keep_going=args.keep_going, device=args.device)
@@ -365,7 +367,9 @@ def cmd_build(args) -> int:
                         search_samples=args.search_samples, weights=args.weights, base=args.base, rank=args.rank,
                         group_size=args.group_size, policy=args.policy, pace=_pace(args.pace),
                         search_sensitivity=args.search_sensitivity,
-                        sensitivity_samples=args.sensitivity_samples, cache_dir=args.cache)
+                        sensitivity_samples=args.sensitivity_samples, anchor=not args.no_anchor,
+                        fisher_mix=args.fisher_mix,
+                        search_score=args.search_score, cache_dir=args.cache)
     opts.validate()  # bad input fails before any work
     tasks = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -480,6 +484,41 @@ def print_analysis(summary: dict) -> None:
         console.print(f"sensitivity ({s['groups']} groups): rank agreement with measured end-to-end error over "
                       f"{len(c['triples'])} triples: one-step error {c['spearman_velocity']}, "
                       f"Fisher proxy {c['spearman_fisher']}")
+
+
+# --------------------------------------------------------------------------- run (backends/ort_runner.py)
+def cmd_run(args) -> int:
+    """Sample a lowered build directory (BUILD/onnx) on onnxruntime and write the image(s)."""
+    from ..backends.ort_runner import OrtBuild, save_image
+    from ..errors import InputError
+
+    seeds = [args.seed + i for i in range(args.n)]
+    if args.n < 1:
+        raise InputError("run: -n must be >= 1")
+    with console.status(f"loading {args.build}…"):
+        build = OrtBuild(args.build, device=args.device, threads=args.threads)
+    classes = build.pipeline()["classes"]
+    cls = args.class_
+    cid = int(cls) if str(cls).isdigit() else (classes.index(cls) if cls in classes else None)
+    if cid is None:
+        raise InputError(f"run: unknown class {cls!r}; classes: {', '.join(classes)}")
+    t0 = time.perf_counter()
+    sample = build.sample([cid] * len(seeds), seeds, guidance=args.guidance)
+    secs = time.perf_counter() - t0
+    save_image(sample, args.out)
+    per_step = [t for _, t in build.step_seconds]
+    console.print(f"{len(seeds)} sample(s) of class {cid} ({classes[cid]}), seeds {seeds[0]}..{seeds[-1]}: "
+                  f"{len(per_step)} steps on {len(build.sessions)} segments in {secs:.2f}s "
+                  f"({1000 * sum(per_step) / max(len(per_step), 1):.1f} ms per model call); wrote {args.out}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    """Check Q/DQ ONNX graphs (files or a build's segments) against TensorRT's explicit-quantization rules."""
+    from ..backends.validate import run
+
+    # plain printing: violation lines contain "[layer]", which rich would read as markup
+    return run(args, out=lambda s: console.print(s, markup=False, highlight=False))
 
 
 def cmd_analyze(args) -> int:
@@ -631,6 +670,11 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--batch", type=int, default=64)
     pv.add_argument("--json", metavar="FILE")
     pv.add_argument("--md", metavar="FILE", help="write the Markdown table")
+    pv.add_argument("--deployed", action="append", metavar="BUILD",
+                    help="a lowered build (BUILD/onnx) sampled with the PyTorch reference of its deployed numerics "
+                         "(static activation scales), repeatable")
+    pv.add_argument("--ort", action="append", metavar="BUILD",
+                    help="a lowered build (BUILD/onnx) sampled by onnxruntime on the CPU, repeatable")
     pv.add_argument("--grid", metavar="FILE.png", help="write a PNG grid: FP row vs variant rows, same seeds")
     pv.add_argument("--plan", action="append", metavar="BUILD_DIR",
                     help="also evaluate the plan of an `adatsq build` directory (repeatable)")
@@ -660,8 +704,13 @@ def build_parser() -> argparse.ArgumentParser:
     pb = sub.add_parser("build", help="export -> analysis -> search -> Fisher-weighted GPTQ -> plan, weights, report")
     pb.add_argument("model", nargs="?", default="flux-fmnist", help="a reference model (default flux-fmnist)")
     pb.add_argument("-o", "--output", required=True, metavar="DIR")
-    pb.add_argument("--budget", default="W4A4", help="average bits W<w>A<a>, e.g. W4A4, W3.5A6 (default W4A4)")
-    pb.add_argument("--target", default="simulate", help="simulate (default), tensorrt, onnxruntime, torch-cuda")
+    pb.add_argument("--budget", default=None,
+                    help="average bits W<w>A<a>, e.g. W4A4, W6A12 (default: the target's, W6A12 for onnxruntime "
+                         "and tensorrt, W4A4 for simulate, W5A8 for torch-cuda)")
+    pb.add_argument("--target", default="onnxruntime",
+                    help="onnxruntime (default: also writes OUT/onnx, run it with `adatsq run`), tensorrt (also "
+                         "OUT/tensorrt: engines where TensorRT is installed, trtexec.sh always), simulate (the "
+                         "paper's W3A3..W8A8 lattice, fake-quantized; no deployable artefacts), torch-cuda")
     pb.add_argument("--beam", type=int, default=4, help="beam width K (default 4)")
     pb.add_argument("--search-samples", type=int, default=10, help="calibration samples the search scores on")
     pb.add_argument("--weights", choices=("gptq-fisher", "gptq", "rtn"), default="gptq-fisher",
@@ -682,6 +731,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="per-step errors the candidate assignments are drawn from: measured with the plan's own "
                          "quantized layers (default) or the analysis pass's RTN sensitivity")
     pb.add_argument("--sensitivity-samples", type=int, default=4)
+    pb.add_argument("--search-score", choices=("heldout", "calibration"), default="heldout",
+                    help="samples the search scores candidates on: held-out seeds (default; never seen by the "
+                         "Hessians the weights were made with) or the calibration samples")
+    pb.add_argument("--fisher-mix", type=float, default=1.0, metavar="M",
+                    help="GPTQ Hessian (1 - M) E_uniform[xx^T] + M E_fisher[xx^T]: 1 (default) is AdaTSQ's "
+                         "Fisher-weighted Hessian, 0 the uniform one")
+    pb.add_argument("--no-anchor", action="store_true",
+                    help="do not keep the uniform policy at the budget in the beam (ablation)")
     pb.add_argument("--cache", metavar="DIR", help="analysis cache (default $ADATSQ_CACHE or ~/.cache/adatsq/analysis)")
     pb.set_defaults(func=cmd_build)
 
@@ -719,6 +776,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache", metavar="DIR", help="cache root (default $ADATSQ_CACHE or ~/.cache/adatsq/analysis)")
     g.add_argument("--no-cache", action="store_true", help="compute everything, store nothing")
     pa.set_defaults(func=cmd_analyze)
+
+    pr = sub.add_parser("run", help="sample a lowered build (BUILD/onnx, `adatsq build --target onnxruntime`) on "
+                        "onnxruntime, switching segment per step")
+    pr.add_argument("build", metavar="BUILD", help="a build directory with onnx/manifest.json")
+    pr.add_argument("--class", dest="class_", default="0", help="class id or name (default 0)")
+    pr.add_argument("--seed", type=int, default=0, help="noise seed (sample i uses SEED+i)")
+    pr.add_argument("-n", type=int, default=1, help="number of samples, written side by side (default 1)")
+    pr.add_argument("--out", required=True, metavar="IMG.png")
+    pr.add_argument("--guidance", type=float, help="classifier-free guidance (default: the plan's schedule)")
+    pr.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                    help="onnxruntime execution provider (auto: CUDA where onnxruntime has it, else CPU)")
+    pr.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    pr.set_defaults(func=cmd_run)
+
+    from ..backends.validate import build_arg_parser
+
+    pc = sub.add_parser("check", help="check Q/DQ ONNX graphs or a build's segments against TensorRT's "
+                        "explicit-quantization rules (exit 1 on a violation)")
+    build_arg_parser(pc)
+    pc.set_defaults(func=cmd_check)
 
     pm = sub.add_parser("models", help="list the builtin models (tiny random-init and trained reference models)")
     pm.set_defaults(func=cmd_models)

@@ -72,12 +72,30 @@ class EvalConfig:
         if dev.type not in ("cpu", "cuda"):
             raise InputError(f"eval: device {self.device!r}: only cpu and cuda are supported")
         for v in self.variants:
-            if v.startswith("plan:"):
-                d = Path(v[len("plan:"):])
+            kind, d = build_variant(v)
+            if kind is not None:
                 if not (d / "plan.json").is_file():
                     raise InputError(f"eval: {d} is not a build directory (no plan.json)")
+                if kind != "plan" and not (d / "onnx" / "manifest.json").is_file():
+                    raise InputError(f"eval: {d} has no lowered ONNX (onnx/manifest.json); build it with "
+                                     f"--target onnxruntime")
             elif v != "fp":
                 parse_variant(v)
+
+
+#: variants that sample a build directory: ``plan:DIR`` the search's simulation (per-token
+#: activations), ``deployed:DIR`` the PyTorch reference of what the lowered ONNX computes (static
+#: per-segment activation scales, FP16 low-rank factors), ``ort:DIR`` the lowered ONNX itself on
+#: onnxruntime (CPU)
+BUILD_VARIANTS = ("plan", "deployed", "ort")
+
+
+def build_variant(variant: str) -> tuple[str | None, Path | None]:
+    """(kind, build directory) of a build variant, (None, None) for the others."""
+    kind, sep, rest = variant.partition(":")
+    if sep and kind in BUILD_VARIANTS:
+        return kind, Path(rest)
+    return None, None
 
 
 def _schedule(ref, steps: int | None, guidance: float | None):
@@ -143,18 +161,28 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | Non
     def generate(variant: str, w_bits: int, a_bits: int) -> np.ndarray:
         if variant == "fp":
             ctx = contextlib.nullcontext()
-        elif variant.startswith("plan:"):  # a build directory: plan.json + weights.safetensors
+        elif build_variant(variant)[0] is not None:  # a build directory: plan.json + weights.safetensors
             from ..passes.weights import load_weight_copies, plan_transforms
 
-            d = Path(variant[len("plan:"):])
+            kind, d = build_variant(variant)
             plan = plans[variant] = PrecisionPlan.load(d / "plan.json")
             plan.check_model(fingerprint_model(transformer), table, where=str(d / "plan.json"))
             if plan.schedule.num_steps != schedule.num_steps:
                 raise InputError(f"eval: {d} plans {plan.schedule.num_steps} steps, the schedule has "
                                  f"{schedule.num_steps}")
             wfile = d / "weights.safetensors"
-            ctx = transformed_layers(transformer, on_device(plan_transforms(
-                plan, load_weight_copies(wfile) if wfile.is_file() else None, transformer)), clock)
+            weights = load_weight_copies(wfile) if wfile.is_file() else None
+            if kind == "ort":
+                return _sample_ort(d, labels, seeds, schedule, cfg.batch, variant, on_progress)
+            if kind == "deployed":
+                from ..backends.manifest import load_manifest
+                from ..backends.onnx_qdq import deployed_layers, deployed_transforms
+
+                scales = load_manifest(d / "onnx").get("calibration", {}).get("scales", {})
+                ctx = deployed_layers(transformer, on_device(deployed_transforms(plan, weights, transformer, scales)),
+                                      clock)
+            else:
+                ctx = transformed_layers(transformer, on_device(plan_transforms(plan, weights, transformer)), clock)
         elif variant_method(variant) == "peer":  # a third-party quantizer on a copy of the model
             from ..passes.calibration import reference_calibration
             from .peers import peer_quantized
@@ -191,7 +219,8 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | Non
         return np.concatenate(out)
 
     for variant in dict.fromkeys(("fp",) + tuple(cfg.variants)):  # fp first: the fidelity reference
-        w_bits, a_bits = (16, 16) if variant == "fp" or variant.startswith("plan:") else parse_variant(variant)
+        w_bits, a_bits = ((16, 16) if variant == "fp" or build_variant(variant)[0] is not None
+                          else parse_variant(variant))
         t0 = time.perf_counter()
         try:
             images[variant] = generate(variant, w_bits, a_bits)
@@ -204,7 +233,7 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | Non
         feats = judge.features(images[variant])
         pred = judge.predict(images[variant])
         per_class = {ref.classes[c]: float((pred[labels == c] == c).mean()) for c in sorted(set(class_ids))}
-        if variant.startswith("plan:"):
+        if variant in plans:
             plan_bits = plans[variant].achieved
         else:
             plan_bits = PrecisionPlan.averages([[f"W{w_bits}A{a_bits}"] * len(linear_layers)],
@@ -238,6 +267,22 @@ def _reference_resolution(name: str):
     from ..frontend.loading import REFERENCE_RESOLUTIONS
 
     return REFERENCE_RESOLUTIONS.get(name)
+
+
+def _sample_ort(build_dir: Path, labels: np.ndarray, seeds: Sequence[int], schedule: Any, batch: int, variant: str,
+                on_progress: Callable[[str, int, int], None] | None) -> np.ndarray:
+    """Samples of a lowered build run by onnxruntime (CPU), the same labels and seeds as the others."""
+    from ..backends.ort_runner import OrtBuild
+
+    ob = OrtBuild(build_dir, device="cpu")
+    out = []
+    for start in range(0, len(seeds), batch):
+        sl = slice(start, min(len(seeds), start + batch))
+        x = ob.sample([int(c) for c in labels[sl]], list(seeds[sl]), guidance=schedule.guidance)
+        out.append(fmnist.from_model_space(x.numpy()))
+        if on_progress is not None:
+            on_progress(variant, sl.stop * schedule.num_steps, len(seeds) * schedule.num_steps)
+    return np.concatenate(out)
 
 
 def markdown(result: dict[str, Any], seconds: dict[str, float] | None = None) -> str:

@@ -1,0 +1,863 @@
+"""Quantized GEMM kernels for the GPU runtime (Triton; torch where torch is already fast).
+
+Every public op computes ``y = x W^T (+ b)`` for a weight ``W [N, K]`` packed by the matching
+``pack_*`` helper, and has two implementations:
+
+* **triton**: CUDA tensors, needs ``triton`` (Hopper or Ampere; FP8 needs compute capability
+  >= 8.9). INT8 W8A8 runs one Triton GEMM on the integer tensor cores (int32 accumulation) with
+  the per-token x per-channel dequantization (and the bias) fused in its epilogue; the per-token
+  activation quantization is one Triton pass in front of it (one read of ``x``, one write of the
+  int8 codes and the scales). FP8 W8A8 quantizes the activations with the same Triton pass and
+  calls ``torch._scaled_mm`` (cuBLASLt, row-wise scales). W4A16 and W4A8 with groups unpack the
+  INT4 codes inside the GEMM's K loop; W4A8 per channel does so below ``W4A8_UNPACK_MIN_M``
+  tokens, and from there on expands the weight to an int8 scratch (one memory-bound pass) and
+  runs the INT8 GEMM, which is faster where the GEMM is compute-bound (docs/kernels.md).
+* **torch** (the reference ops): any device, written with ``passes/quant.py``'s numerics. On a
+  machine without triton or CUDA the public ops take this path (``backend="auto"``), so a CPU
+  runtime and the CPU tests use exactly these numbers; ``backend="triton"`` raises
+  :class:`KernelUnavailable` there instead.
+
+Numerics (what the GPU tests check, on random non-zero inputs):
+
+* activations are quantized in float32 from the input's values: the codes and scales equal
+  ``fake_quant_tokens(x.float(), 8)`` / ``fake_quant_tokens_fp8(x.float())`` bit for bit
+  (scale = max|x| / qmax per row with IEEE division, round half to even, clamp to
+  [-qmax - 1, qmax]; FP8: clamp to +-448 and round to nearest even E4M3). For a bf16 ``x`` this is
+  *not* ``fake_quant_tokens(x, 8)`` run in bf16 (which rounds the scale to bf16);
+* INT8 x INT8 and INT8 x INT4 products are summed exactly in int32; the result is converted to
+  float32 (exact below 2^24, else one float32 rounding) and multiplied by the activation scale,
+  then by the weight scale (float32), plus the bias, then rounded to the output dtype. So the
+  float32 output equals the exact reference to ~1e-7 relative, and a bf16 output is within one
+  bf16 rounding (2^-8 relative) of it;
+* W4A8 with groups and W4A16 accumulate in float32 (order differs from torch: ~1e-6 relative);
+  W4A16 with groups rounds each dequantized weight (code x group scale) to the activation dtype
+  before the bf16 tensor-core product (2^-9 relative per weight);
+* FP8 (cuBLASLt) accumulates in float32 and applies both scales in its epilogue.
+
+Layouts (made by the ``pack_*`` helpers, once per weight at preparation time):
+
+* INT8: codes ``[N, K]`` int8 row-major (K contiguous: the K-major operand the int8 tensor cores
+  read), per-output-channel float32 scales ``[N]``. Group-wise INT8 weights are not supported.
+* FP8: ``[N, K]`` float8_e4m3fn row-major, per-channel scales ``[N]`` (``_scaled_mm`` gets the
+  column-major view ``W.t()``).
+* INT4: ``pack_int4`` of the ``[N, K]`` codes (two codes a byte, the even k in the low nibble;
+  ``[N, K/2]`` uint8 -- the same bytes as the ONNX INT4 initializer), scales per output channel
+  or per group of 64/128/... consecutive k (``[N, K/g]``). The kernel does not sign-extend the
+  nibbles: ``byte << 4`` and ``byte & 0xF0`` read as int8 are 16x the low and the high code, so
+  unpacking is two integer ops per byte and the 1/16 is folded into the weight scale at packing
+  (exact: a power of two). INT2/INT3 codes (bits <= 4) use the same container.
+
+Autotuning: every GEMM kernel is ``triton.autotune``-d over a short config list keyed on
+``(M, N, K)`` (and the flags that change the kernel), so each shape is tuned once per process at
+its first call (a few configs x ~0.1 s); compiled binaries go to Triton's on-disk cache
+(``TRITON_CACHE_DIR``, default ``~/.triton/cache``) and, where this Triton supports
+``cache_results``, the tuning result too, so a later process skips both. ``warm_up(shapes)``
+tunes a model's shapes ahead of time (e.g. during ``adatsq build`` preparation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import os
+
+import torch
+
+from ..passes.quant import FP8_MAX, QuantizedWeight, pack_int4, quantize_weight, unpack_int4
+
+try:  # import-gated: a CPU machine without triton imports this module and uses the torch path
+    import triton
+    import triton.language as tl
+
+    try:
+        from triton.language.extra import libdevice
+    except ImportError:  # older layout
+        from triton.language.extra.cuda import libdevice
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover - depends on the machine
+    triton = tl = libdevice = None
+    HAVE_TRITON = False
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    HAVE_TMA = HAVE_TRITON
+except Exception:  # pragma: no cover
+    TensorDescriptor = None
+    HAVE_TMA = False
+
+
+class KernelUnavailable(RuntimeError):
+    """The Triton path was asked for where it cannot run (no triton, no CUDA, old GPU)."""
+
+
+# ============================================================================ packed weights
+@dataclasses.dataclass(frozen=True)
+class PackedInt8Weight:
+    """W8A8: int8 codes ``[N, K]`` (K contiguous) and per-channel float32 scales ``[N]``."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.codes.float() * self.scales[:, None]
+
+    def to(self, device) -> "PackedInt8Weight":
+        return _to(self, device)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedFP8Weight:
+    """FP8 W8A8: float8_e4m3fn ``[N, K]`` and per-channel float32 scales ``[N]``."""
+
+    data: torch.Tensor
+    scales: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.data.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.data.float() * self.scales[:, None]
+
+    def to(self, device) -> "PackedFP8Weight":
+        return _to(self, device)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedInt4Weight:
+    """W4A8 / W4A16: ``pack_int4`` bytes ``[N, K/2]`` (uint8), scales ``[N, K/g]`` float32
+    (``[N, 1]`` per channel); ``kernel_scales`` are ``scales / 16`` (see the module doc)."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    group_size: int | None
+    n: int
+    k: int
+    bias: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.k)
+
+    @property
+    def kernel_scales(self) -> torch.Tensor:
+        return self.scales / 16.0
+
+    def codes(self) -> torch.Tensor:
+        return unpack_int4(self.packed, (self.n, self.k))
+
+    def dequantize(self) -> torch.Tensor:
+        return QuantizedWeight(self.codes(), self.scales, 4, self.group_size, (self.n, self.k)).dequantize()
+
+    def to(self, device) -> "PackedInt4Weight":
+        return _to(self, device)
+
+
+def _to(pw, device):
+    kw = {f.name: getattr(pw, f.name) for f in dataclasses.fields(pw)}
+    kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    return type(pw)(**kw)
+
+
+def _bias(bias, n):
+    if bias is None:
+        return None
+    bias = bias.detach().reshape(-1).float().contiguous()
+    if bias.numel() != n:
+        raise ValueError(f"bias has {bias.numel()} values for {n} output channels")
+    return bias
+
+
+def _as_quantized(weight, bits: int, group_size: int | None) -> QuantizedWeight:
+    if isinstance(weight, QuantizedWeight):
+        if len(weight.shape) != 2:
+            raise ValueError(f"kernels take 2-D weights [N, K], got shape {weight.shape}")
+        return weight
+    weight = weight.detach()
+    if weight.dim() != 2:
+        raise ValueError(f"kernels take 2-D weights [N, K], got shape {tuple(weight.shape)}")
+    return quantize_weight(weight, bits, group_size)
+
+
+def pack_w8a8(weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> PackedInt8Weight:
+    """A float weight ``[N, K]`` (quantized here with ``quantize_weight(w, 8)``: per channel, RTN)
+    or an 8-bit per-channel :class:`QuantizedWeight` (e.g. from GPTQ) -> the INT8 kernel layout."""
+    q = _as_quantized(weight, 8, None)
+    if q.bits != 8 or q.group_size is not None:
+        raise ValueError(f"pack_w8a8 needs 8-bit per-channel codes, got {q.bits} bits, group {q.group_size}")
+    n = q.codes.shape[0]
+    return PackedInt8Weight(q.codes.contiguous(), q.scales.reshape(n).float().contiguous(), _bias(bias, n))
+
+
+def pack_fp8(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedFP8Weight:
+    """A float weight ``[N, K]`` -> FP8 E4M3 with one scale per output channel
+    (``data * scale`` equals ``fake_quant_weight_fp8(weight)`` in float32)."""
+    if isinstance(weight, QuantizedWeight) or weight.dim() != 2:
+        raise ValueError("pack_fp8 takes a float weight [N, K]")
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / FP8_MAX
+    data = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).contiguous()
+    return PackedFP8Weight(data, scale.reshape(-1).contiguous(), _bias(bias, w.shape[0]))
+
+
+def pack_w4(weight: torch.Tensor | QuantizedWeight, group_size: int | None = None,
+            bias: torch.Tensor | None = None) -> PackedInt4Weight:
+    """A float weight ``[N, K]`` (quantized here with ``quantize_weight(w, 4, group_size)``) or a
+    :class:`QuantizedWeight` of at most 4 bits -> the INT4 layout of W4A8 and W4A16.
+
+    The kernels take ``group_size`` None (per channel) or a multiple of 64 (64, 128, ...)."""
+    q = _as_quantized(weight, 4, group_size)
+    if q.bits > 4:
+        raise ValueError(f"pack_w4 needs codes of at most 4 bits, got {q.bits}")
+    n, k = q.codes.shape
+    if k % 2:
+        raise ValueError(f"pack_w4 needs an even input size, got {k}")
+    g = q.group_size
+    if g is not None and (g % 64 or k % g):
+        raise ValueError(f"pack_w4: group size {g} must be a multiple of 64 dividing {k}")
+    packed = pack_int4(q.codes).reshape(n, k // 2).contiguous()
+    return PackedInt4Weight(packed, q.scales.reshape(n, -1).float().contiguous(), g, n, k, _bias(bias, n))
+
+
+# ============================================================================ torch reference
+def _quantize_tokens_ref(x2: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    xf = x2.float()
+    amax = torch.maximum(xf.amax(dim=1, keepdim=True), xf.amin(dim=1, keepdim=True).neg())
+    if fp8:
+        scale = amax.clamp_min(1e-12) / FP8_MAX
+        codes = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    else:
+        scale = amax.clamp_min(1e-12) / 127
+        codes = (xf / scale).round().clamp(-128, 127).to(torch.int8)
+    return codes, scale.reshape(-1)
+
+
+def _int_mm_ref(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Exact integer product ``a @ w^T`` (int8 codes) as float32, via float64."""
+    return (a.double() @ w.double().T).float()
+
+
+def _epilogue_ref(acc, a_scales, w_scales, bias, out_dtype):
+    out = acc * a_scales.float()[:, None] if a_scales is not None else acc
+    out = out * w_scales.float()[None, :]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+def _w4_ref(x2: torch.Tensor, pw: PackedInt4Weight, act_int8: bool, out_dtype) -> torch.Tensor:
+    w = pw.dequantize().to(x2.device)
+    if act_int8:
+        codes, s = _quantize_tokens_ref(x2, fp8=False)
+        xq = codes.double() * s.double()[:, None]
+    else:
+        xq = x2.double()
+    out = (xq @ w.double().T).float()
+    if pw.bias is not None:
+        out = out + pw.bias.to(out.device)
+    return out.to(out_dtype)
+
+
+# ============================================================================ Triton kernels
+if HAVE_TRITON:
+
+    @triton.jit
+    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
+                           BLOCK_K: tl.constexpr, ROWS: tl.constexpr, FP8: tl.constexpr):
+        """One pass per row block: max|x| (float32), scale = max / qmax (IEEE division), codes."""
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_K)
+        rmask = rows < M
+        mask = rmask[:, None] & (cols[None, :] < K)
+        rows64 = rows.to(tl.int64)
+        x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12)
+        if FP8:
+            qmax = tl.full([ROWS], 448.0, tl.float32)
+        else:
+            qmax = tl.full([ROWS], 127.0, tl.float32)
+        scale = tl.math.div_rn(amax, qmax)
+        y = tl.math.div_rn(x, tl.broadcast_to(scale[:, None], [ROWS, BLOCK_K]))
+        if FP8:
+            y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+            q = y.to(tl.float8e4nv)
+        else:
+            y = tl.minimum(tl.maximum(libdevice.rint(y), -128.0), 127.0)
+            q = y.to(tl.int8)
+        tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q, mask=mask)
+        tl.store(s_ptr + rows, scale, mask=rmask)
+
+    @triton.jit
+    def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+        """Grouped ordering: GROUP_M row tiles sweep the N tiles together (A and W reuse in L2)."""
+        width = GROUP_M * num_pid_n
+        group_id = tile_id // width
+        first_m = group_id * GROUP_M
+        group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (tile_id % width) % group_rows
+        pid_n = (tile_id % width) // group_rows
+        return pid_m, pid_n
+
+    @triton.jit
+    def _scale_bias(acc, offs_m, offs_n, M, N, as_ptr, ws_ptr, bias_ptr,
+                    HAS_ASCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+        out = acc.to(tl.float32)
+        if HAS_ASCALE:
+            a_s = tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)
+            out = out * a_s[:, None]
+        w_s = tl.load(ws_ptr + offs_n, mask=offs_n < N, other=0.0)
+        out = out * w_s[None, :]
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+            out = out + b[None, :]
+        return out
+
+    # ------------------------------------------------------------------ INT8 GEMM, TMA
+    @triton.jit
+    def _int8_gemm_tma_kernel(a_desc, b_desc, c_desc, as_ptr, ws_ptr, bias_ptr, M, N, K,
+                              HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr):
+        """C[M, N] = (A[M, K] . B[N, K]^T) * a_s[m] * w_s[n] (+ bias); int8 operands through TMA
+        (out-of-bounds tiles read as zeros), int32 accumulation on the tensor cores; persistent
+        variant: one program per SM walks the tiles (the next tile's loads overlap the epilogue)."""
+        start = tl.program_id(0)
+        num_progs = tl.num_programs(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_tiles = num_pid_m * num_pid_n
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        tile_c = start - num_progs
+        for tile_id in tl.range(start, num_tiles, num_progs, flatten=PERSISTENT):
+            pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+            off_m = pid_m * BLOCK_M
+            off_n = pid_n * BLOCK_N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            for ki in range(k_tiles):
+                a = a_desc.load([off_m, ki * BLOCK_K])
+                b = b_desc.load([off_n, ki * BLOCK_K])
+                acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+            # separate counter for the epilogue (keeps the flattened pipeline's stages independent)
+            tile_c += num_progs
+            pid_m, pid_n = _tile_coords(tile_c, num_pid_m, num_pid_n, GROUP_M)
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            out = _scale_bias(acc, offs_m, offs_n, M, N, as_ptr, ws_ptr, bias_ptr, True, HAS_BIAS)
+            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out.to(OUT_DTYPE))
+
+    # ------------------------------------------------------------------ INT8 GEMM, pointers
+    @triton.jit
+    def _int8_gemm_ptr_kernel(a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, M, N, K,
+                              stride_am, stride_bn, stride_cm,
+                              HAS_BIAS: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+        """The same GEMM with plain pointer loads (any alignment; Triton pipelines them with
+        cp.async): the fallback where TMA's 16-byte stride rule does not hold."""
+        pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.max_contiguous(tl.multiple_of(tl.where(offs_m < M, offs_m, 0), BLOCK_M), BLOCK_M)
+        rn = tl.max_contiguous(tl.multiple_of(tl.where(offs_n < N, offs_n, 0), BLOCK_N), BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+        b_ptrs = b_ptr + rn.to(tl.int64)[:, None] * stride_bn + offs_k[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for ki in range(tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                kmask = offs_k[None, :] < K - ki * BLOCK_K
+                a = tl.load(a_ptrs, mask=kmask, other=0)
+                b = tl.load(b_ptrs, mask=kmask, other=0)
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        out = _scale_bias(acc, offs_m, offs_n, M, N, as_ptr, ws_ptr, bias_ptr, True, HAS_BIAS)
+        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+    # ------------------------------------------------------------------ INT4-weight GEMM
+    @triton.jit
+    def _w4_gemm_kernel(a_ptr, w_ptr, c_ptr, as_ptr, ws_ptr, bias_ptr, M, N, K,
+                        stride_am, stride_wn, stride_cm, stride_sn,
+                        GROUP: tl.constexpr, ACT_INT8: tl.constexpr, SWAP: tl.constexpr,
+                        HAS_BIAS: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+        """C = A[M, K] . W^T with W as pack_int4 bytes [N, K/2], unpacked in registers per K tile
+        (``byte << 4`` / ``byte & 0xF0`` = 16 x low / high code, interleaved back to k order).
+        ACT_INT8: int8 activations (W4A8, int32 accumulation); else bf16/fp16 (W4A16).
+        GROUP = 0: per-channel scales in the epilogue; else one scale per GROUP k (GROUP a
+        multiple of BLOCK_K), applied per K tile. SWAP computes C^T = W . A^T (the unpacked
+        weight as the tensor cores' register operand) and transposes in the epilogue."""
+        pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.max_contiguous(tl.multiple_of(tl.where(offs_m < M, offs_m, 0), BLOCK_M), BLOCK_M)
+        rn = tl.max_contiguous(tl.multiple_of(tl.where(offs_n < N, offs_n, 0), BLOCK_N), BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_kh = tl.arange(0, BLOCK_K // 2)
+        a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+        w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + offs_kh[None, :]
+        if SWAP:
+            if ACT_INT8:
+                if GROUP == 0:
+                    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+                else:
+                    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            else:
+                acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            if ACT_INT8:
+                if GROUP == 0:
+                    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+                else:
+                    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            else:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                p = tl.load(w_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=offs_k[None, :] < K - ki * BLOCK_K, other=0)
+                p = tl.load(w_ptrs, mask=offs_kh[None, :] < (K - ki * BLOCK_K) // 2, other=0)
+            p32 = p.to(tl.int32)
+            lo = (p32 << 4).to(tl.int8)          # 16 * low code (even k)
+            hi = (p32 & 0xF0).to(tl.int8)        # 16 * high code (odd k)
+            w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
+            if GROUP != 0:
+                gs = tl.load(ws_ptr + rn.to(tl.int64) * stride_sn + (ki * BLOCK_K) // GROUP)
+            if ACT_INT8:
+                if GROUP == 0:
+                    if SWAP:
+                        acc = tl.dot(w, tl.trans(a), acc, out_dtype=tl.int32)
+                    else:
+                        acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+                else:
+                    if SWAP:
+                        part = tl.dot(w, tl.trans(a), out_dtype=tl.int32)
+                        acc += part.to(tl.float32) * gs[:, None]
+                    else:
+                        part = tl.dot(a, tl.trans(w), out_dtype=tl.int32)
+                        acc += part.to(tl.float32) * gs[None, :]
+            else:
+                if GROUP != 0:
+                    wf = (w.to(tl.float32) * gs[:, None]).to(a.dtype)
+                else:
+                    wf = w.to(a.dtype)
+                if SWAP:
+                    acc = tl.dot(wf, tl.trans(a), acc)
+                else:
+                    acc = tl.dot(a, tl.trans(wf), acc)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K // 2
+        if SWAP:
+            acc = tl.trans(acc)
+        if GROUP == 0:
+            out = _scale_bias(acc, offs_m, offs_n, M, N, as_ptr, ws_ptr, bias_ptr, ACT_INT8, HAS_BIAS)
+        else:
+            out = acc
+            if ACT_INT8:
+                a_s = tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)
+                out = out * a_s[:, None]
+            if HAS_BIAS:
+                out = out + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _unpack_w4_kernel(p_ptr, out_ptr, n_bytes, BLOCK: tl.constexpr):
+        """pack_int4 bytes -> int8 codes x 16 in k order (the large-M W4A8 path's scratch)."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        p = tl.load(p_ptr + offs, mask=offs < n_bytes, other=0).to(tl.int32)
+        w = tl.reshape(tl.join((p << 4).to(tl.int8), (p & 0xF0).to(tl.int8)), (2 * BLOCK,))
+        offs2 = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+        tl.store(out_ptr + offs2, w, mask=offs2 < 2 * n_bytes)
+
+
+# ============================================================================ configs + autotune
+def _cfg(bm, bn, bk, warps, stages, group_m=8, **extra):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=warps, num_stages=stages, **extra)
+
+
+#: candidate configs, kept from the H100 sweep in docs/kernels.md (the autotuner picks per shape;
+#: a short list keeps first-call tuning at ~0.5 s a shape). 128x256x128 with 8 warps and 3 stages is
+#: the fastest INT8 tile at every Flux-dev shape; 4 stages do not fit next to the epilogue tile.
+INT8_TMA_CONFIGS = [
+    _cfg(128, 256, 128, 8, 3, PERSISTENT=True),
+    _cfg(128, 256, 128, 8, 3, PERSISTENT=False),
+    _cfg(256, 128, 128, 8, 3, PERSISTENT=True),
+    _cfg(128, 128, 128, 8, 4, PERSISTENT=True),
+]
+INT8_PTR_CONFIGS = [
+    _cfg(128, 256, 128, 8, 3),
+    _cfg(128, 128, 64, 4, 4),
+]
+W4A8_CONFIGS = [
+    _cfg(128, 128, 128, 8, 4, SWAP=False),  # per channel
+    _cfg(128, 128, 128, 8, 4, SWAP=True),   # groups
+    _cfg(128, 128, 64, 8, 4, SWAP=False),   # groups of 64
+]
+W4A16_CONFIGS = [
+    _cfg(128, 128, 64, 8, 4, SWAP=False),
+    _cfg(128, 128, 64, 8, 4, SWAP=True),
+]
+
+
+def _to_triton_configs(cfgs, pre_hook=None):
+    out = []
+    for c in cfgs:
+        c = dict(c)
+        warps, stages = c.pop("num_warps"), c.pop("num_stages")
+        out.append(triton.Config(c, num_warps=warps, num_stages=stages, pre_hook=pre_hook))
+    return out
+
+
+def _autotune(configs, key, prune=None, pre_hook=None):
+    kwargs = dict(configs=_to_triton_configs(configs, pre_hook), key=key)
+    if prune is not None:
+        kwargs["prune_configs_by"] = {"early_config_prune": prune}
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        kwargs["cache_results"] = os.environ.get("ADATSQ_TRITON_TUNE_CACHE", "1") != "0"
+    return triton.autotune(**kwargs)
+
+
+def _tma_block_hook(nargs):
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bm, bk]
+    nargs["b_desc"].block_shape = [bn, bk]
+    nargs["c_desc"].block_shape = [bm, bn]
+
+
+def _prune_group(configs, named_args, **kwargs):
+    g = named_args.get("GROUP", kwargs.get("GROUP", 0))
+    keep = [c for c in configs if not g or g % c.kwargs["BLOCK_K"] == 0]
+    if not keep:
+        raise ValueError(f"no kernel config has a BLOCK_K dividing the group size {g}")
+    return keep
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(name: str):
+    if name == "int8_tma":
+        return _autotune(INT8_TMA_CONFIGS, ["M", "N", "K", "HAS_BIAS", "OUT_DTYPE"], pre_hook=_tma_block_hook)(
+            _int8_gemm_tma_kernel)
+    if name == "int8_ptr":
+        return _autotune(INT8_PTR_CONFIGS, ["M", "N", "K", "HAS_BIAS", "EVEN_K"])(_int8_gemm_ptr_kernel)
+    if name == "w4a8":
+        return _autotune(W4A8_CONFIGS, ["M", "N", "K", "GROUP", "HAS_BIAS", "EVEN_K"], prune=_prune_group)(
+            _w4_gemm_kernel)
+    if name == "w4a16":
+        return _autotune(W4A16_CONFIGS, ["M", "N", "K", "GROUP", "HAS_BIAS", "EVEN_K"], prune=_prune_group)(
+            _w4_gemm_kernel)
+    raise KeyError(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+# ============================================================================ dispatch helpers
+def triton_available(device: torch.device | str | None = None, fp8: bool = False) -> bool:
+    """Whether the Triton kernels can run on ``device`` (default: the current CUDA device)."""
+    if not HAVE_TRITON or not torch.cuda.is_available():
+        return False
+    device = torch.device(device) if device is not None else torch.device("cuda")
+    if device.type != "cuda":
+        return False
+    major, minor = torch.cuda.get_device_capability(device)
+    return (major, minor) >= ((8, 9) if fp8 else (8, 0))
+
+
+def _use_triton(t: torch.Tensor, backend: str, fp8: bool = False) -> bool:
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "torch":
+        return False
+    ok = triton_available(t.device, fp8) if t.is_cuda else False
+    if backend == "triton" and not ok:
+        why = ("triton is not installed" if not HAVE_TRITON else
+               "the tensor is not on a CUDA device" if not t.is_cuda else
+               "the GPU is too old (FP8 needs compute capability 8.9+, INT8 8.0+)")
+        raise KernelUnavailable(f"the Triton kernels cannot run here: {why}; use backend='torch'")
+    return ok
+
+
+def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    if x.shape[-1] != k:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight takes {k}")
+    x2 = x.reshape(-1, k)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+_TL_DTYPES = {}
+if HAVE_TRITON:
+    _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+# ============================================================================ public ops
+#: the quantization pass: one row a program, one warp per 512 elements of next_pow2(K), at most 16
+#: (the fastest of rows 1..8 x warps 4..16 in the H100 sweep; docs/kernels.md)
+QUANT_ELEMS = 1
+QUANT_ELEMS_PER_WARP = 512
+
+
+def _quantize_rows_triton(x2: torch.Tensor, fp8: bool, rows: int | None = None, warps: int | None = None):
+    m, k = x2.shape
+    codes = torch.empty((m, k), device=x2.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
+    scales = torch.empty((m,), device=x2.device, dtype=torch.float32)
+    if m == 0:
+        return codes, scales
+    block_k = triton.next_power_of_2(k)
+    if rows is None:
+        rows = max(1, min(16, QUANT_ELEMS // block_k))
+    if warps is None:
+        warps = max(1, min(16, block_k * rows // QUANT_ELEMS_PER_WARP))
+    _quant_rows_kernel[(triton.cdiv(m, rows),)](x2, codes, scales, m, k, x2.stride(0), codes.stride(0),
+                                                BLOCK_K=block_k, ROWS=rows, FP8=fp8, num_warps=warps)
+    return codes, scales
+
+
+def quantize_tokens_int8(x: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token INT8 quantization of ``x [..., K]`` -> (codes ``[M, K]`` int8, float32
+    scales ``[M]``) with ``M = x.numel() / K``; ``codes * scales[:, None]`` equals
+    ``fake_quant_tokens(x.float(), 8)`` exactly."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if _use_triton(x2, backend):
+        return _quantize_rows_triton(x2 if x2.stride(-1) == 1 else x2.contiguous(), fp8=False)
+    return _quantize_tokens_ref(x2, fp8=False)
+
+
+def quantize_tokens_fp8(x: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token FP8 E4M3 quantization -> (float8_e4m3fn ``[M, K]``, float32 scales ``[M]``);
+    ``codes.float() * scales[:, None]`` equals ``fake_quant_tokens_fp8(x.float())`` exactly."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if _use_triton(x2, backend, fp8=True):
+        return _quantize_rows_triton(x2 if x2.stride(-1) == 1 else x2.contiguous(), fp8=True)
+    return _quantize_tokens_ref(x2, fp8=True)
+
+
+def _tma_ok(*tensors) -> bool:
+    if not HAVE_TMA:
+        return False
+    for t in tensors:
+        if t.data_ptr() % 16 or t.stride(-1) != 1 or (t.stride(0) * t.element_size()) % 16:
+            return False
+    return True
+
+
+def int8_gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor,
+              bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+              backend: str = "auto", impl: str = "auto") -> torch.Tensor:
+    """``(a_codes @ w_codes^T) * a_scales[:, None] * w_scales[None, :] (+ bias)`` in ``out_dtype``:
+    int8 ``[M, K]`` and ``[N, K]`` codes, float32 scales ``[M]`` and ``[N]``; int32 accumulation.
+    ``impl`` ('auto', 'tma', 'ptr') picks the Triton kernel (TMA needs 16-byte aligned rows)."""
+    m, k = a_codes.shape
+    n, k2 = w_codes.shape
+    if k != k2 or a_codes.dtype != torch.int8 or w_codes.dtype != torch.int8:
+        raise ValueError(f"int8_gemm needs int8 [M, K] and [N, K] codes, got {a_codes.dtype} {tuple(a_codes.shape)} "
+                         f"and {w_codes.dtype} {tuple(w_codes.shape)}")
+    a_scales = a_scales.reshape(-1).float().contiguous()
+    w_scales = w_scales.reshape(-1).float().contiguous()
+    bias = None if bias is None else bias.reshape(-1).float().contiguous()
+    if not _use_triton(a_codes, backend):
+        return _epilogue_ref(_int_mm_ref(a_codes, w_codes), a_scales, w_scales, bias, out_dtype)
+    a_codes = a_codes if a_codes.stride(-1) == 1 else a_codes.contiguous()
+    w_codes = w_codes if w_codes.stride(-1) == 1 else w_codes.contiguous()
+    out = torch.empty((m, n), device=a_codes.device, dtype=out_dtype)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.copy_(_epilogue_ref(torch.zeros((m, n), device=out.device), a_scales, w_scales, bias, out_dtype))
+    bias_arg = bias if bias is not None else w_scales
+    use_tma = impl == "tma" or (impl == "auto" and _tma_ok(a_codes, w_codes, out))
+    if use_tma:
+        kern = _tuned("int8_tma")
+        dummy = [64, 64]  # the autotuner's pre-hook sets each config's block shape
+        a_desc = TensorDescriptor(a_codes, list(a_codes.shape), list(a_codes.stride()), dummy)
+        b_desc = TensorDescriptor(w_codes, list(w_codes.shape), list(w_codes.stride()), dummy)
+        c_desc = TensorDescriptor(out, list(out.shape), list(out.stride()), dummy)
+        nsm = _num_sms(out.device.index if out.device.index is not None else torch.cuda.current_device())
+
+        def grid(meta):
+            tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+            return (min(nsm, tiles) if meta["PERSISTENT"] else tiles,)
+
+        kern[grid](a_desc, b_desc, c_desc, a_scales, w_scales, bias_arg, m, n, k,
+                   HAS_BIAS=bias is not None, OUT_DTYPE=_TL_DTYPES[out_dtype])
+    else:
+        kern = _tuned("int8_ptr")
+
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+        kern[grid](a_codes, w_codes, out, a_scales, w_scales, bias_arg, m, n, k,
+                   a_codes.stride(0), w_codes.stride(0), out.stride(0),
+                   HAS_BIAS=bias is not None, EVEN_K=k % 256 == 0)
+    return out
+
+
+def _out_dtype(x: torch.Tensor, out_dtype):
+    if out_dtype is not None:
+        return out_dtype
+    return x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+
+
+def w8a8_linear(x: torch.Tensor, weight: PackedInt8Weight, out_dtype: torch.dtype | None = None,
+                backend: str = "auto") -> torch.Tensor:
+    """INT8 W8A8 linear: per-token INT8 quantization of ``x [..., K]`` (Triton pass), int8 GEMM with
+    the dequantization and bias fused behind it. Equals
+    ``fake_quant_tokens(x.float(), 8) @ weight.dequantize().T + bias`` up to float rounding."""
+    n, k = weight.shape
+    x2 = _rows(x, k)
+    codes, scales = quantize_tokens_int8(x2, backend=backend)
+    out = int8_gemm(codes, scales, weight.codes, weight.scales, weight.bias, _out_dtype(x, out_dtype),
+                    backend=backend)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def fp8_linear(x: torch.Tensor, weight: PackedFP8Weight, out_dtype: torch.dtype | None = None,
+               backend: str = "auto") -> torch.Tensor:
+    """FP8 E4M3 W8A8 linear: per-token FP8 quantization of ``x`` (Triton pass), then
+    ``torch._scaled_mm`` with row-wise (per-token x per-channel) scales on the GPU. Equals
+    ``fake_quant_tokens_fp8(x.float()) @ weight.dequantize().T + bias`` up to float rounding."""
+    n, k = weight.shape
+    x2 = _rows(x, k)
+    dtype = _out_dtype(x, out_dtype)
+    if not _use_triton(x2, backend, fp8=True):
+        codes, s = _quantize_tokens_ref(x2, fp8=True)
+        xq = codes.double() * s.double()[:, None]
+        out = (xq @ weight.dequantize().to(xq.device).double().T).float()
+        if weight.bias is not None:
+            out = out + weight.bias.to(out.device)
+        return out.to(dtype).reshape(*x.shape[:-1], n)
+    codes, scales = _quantize_rows_triton(x2, fp8=True)
+    m = codes.shape[0]
+    pad = (-m) % 16  # cuBLASLt's FP8 GEMM wants the dimensions multiples of 16
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros((pad, k))])
+        scales = torch.cat([scales, scales.new_ones(pad)])
+    out = torch._scaled_mm(codes, weight.data.t(), scale_a=scales[:, None], scale_b=weight.scales[None, :],
+                           out_dtype=torch.bfloat16)
+    if pad:
+        out = out[:m]
+    if weight.bias is not None:
+        out = out.float().add_(weight.bias) if dtype == torch.float32 else out.add_(weight.bias.to(out.dtype))
+    return out.to(dtype).reshape(*x.shape[:-1], n)
+
+
+def _w4_launch(a, pw: PackedInt4Weight, a_scales, act_int8: bool, out_dtype):
+    m, k = a.shape
+    n = pw.n
+    out = torch.empty((m, n), device=a.device, dtype=out_dtype)
+    if m == 0:
+        return out
+    ks = pw.kernel_scales.to(a.device)
+    ks = ks.reshape(n) if pw.group_size is None else ks
+    bias = pw.bias
+    packed = pw.packed.view(torch.int8)
+    kern = _tuned("w4a8" if act_int8 else "w4a16")
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    kern[grid](a, packed, out, a_scales if a_scales is not None else ks, ks,
+               bias if bias is not None else ks, m, n, k,
+               a.stride(0), packed.stride(0), out.stride(0), ks.stride(0),
+               GROUP=pw.group_size or 0, ACT_INT8=act_int8, HAS_BIAS=bias is not None, EVEN_K=k % 128 == 0)
+    return out
+
+
+def unpack_w4_int8(weight: PackedInt4Weight) -> torch.Tensor:
+    """The INT4 codes x 16 as an int8 ``[N, K]`` tensor (one memory-bound Triton pass on the GPU);
+    with ``weight.kernel_scales`` it is an INT8 weight of the same values."""
+    if weight.packed.is_cuda and HAVE_TRITON:
+        out = torch.empty((weight.n, weight.k), device=weight.packed.device, dtype=torch.int8)
+        nb = weight.packed.numel()
+        block = 4096
+        _unpack_w4_kernel[(triton.cdiv(nb, block),)](weight.packed, out, nb, BLOCK=block, num_warps=8)
+        return out
+    return (weight.codes().to(torch.int16) * 16).to(torch.int8)
+
+
+#: W4A8 per channel from this many tokens on: unpack the INT4 weight to an int8 scratch and run the
+#: INT8 GEMM (the unpack pass costs ~N*K*1.5 bytes of traffic, small next to a compute-bound GEMM);
+#: below it the fused kernel unpacks inside the K loop (the weight bytes dominate there).
+W4A8_UNPACK_MIN_M = 1024
+
+
+def w4a8_linear(x: torch.Tensor, weight: PackedInt4Weight, out_dtype: torch.dtype | None = None,
+                backend: str = "auto", impl: str = "auto") -> torch.Tensor:
+    """INT4-weight x INT8-activation linear (INT8 tensor-core math, int32 accumulation per group).
+    Equals ``fake_quant_tokens(x.float(), 8) @ weight.dequantize().T + bias`` up to float rounding.
+    ``impl``: 'fused' (unpack in the GEMM's K loop), 'unpack' (per-channel only: unpack pass + INT8
+    GEMM) or 'auto' (``unpack`` for per-channel weights from ``W4A8_UNPACK_MIN_M`` tokens)."""
+    n, k = weight.shape
+    x2 = _rows(x, k)
+    dtype = _out_dtype(x, out_dtype)
+    if not _use_triton(x2, backend):
+        return _w4_ref(x2, weight, True, dtype).reshape(*x.shape[:-1], n)
+    codes, scales = _quantize_rows_triton(x2, fp8=False)
+    if impl == "auto":
+        impl = "unpack" if weight.group_size is None and x2.shape[0] >= W4A8_UNPACK_MIN_M else "fused"
+    if impl == "unpack":
+        if weight.group_size is not None:
+            raise ValueError("the unpack path of w4a8_linear takes per-channel weights only")
+        w8 = unpack_w4_int8(weight)
+        out = int8_gemm(codes, scales, w8, weight.kernel_scales.reshape(n), weight.bias, dtype, backend=backend)
+    elif impl == "fused":
+        out = _w4_launch(codes, weight, scales, True, dtype)
+    else:
+        raise ValueError(f"impl must be 'auto', 'fused' or 'unpack', got {impl!r}")
+    return out.reshape(*x.shape[:-1], n)
+
+
+def w4a16_linear(x: torch.Tensor, weight: PackedInt4Weight, out_dtype: torch.dtype | None = None,
+                 backend: str = "auto") -> torch.Tensor:
+    """INT4 weight-only linear: codes dequantized inside the GEMM, bf16/fp16 activations (a float32
+    ``x`` is rounded to bf16 on the Triton path). Equals ``x @ weight.dequantize().T + bias`` up to
+    float rounding (see the module doc for groups)."""
+    n, k = weight.shape
+    x2 = _rows(x, k)
+    dtype = _out_dtype(x, out_dtype)
+    if not _use_triton(x2, backend):
+        return _w4_ref(x2, weight, False, dtype).reshape(*x.shape[:-1], n)
+    if x2.dtype not in (torch.bfloat16, torch.float16):
+        x2 = x2.to(torch.bfloat16)
+    return _w4_launch(x2, weight, None, False, dtype).reshape(*x.shape[:-1], n)
+
+
+def warm_up(shapes, device="cuda", formats=("w8a8", "fp8", "w4a8", "w4a16"), group_size=None) -> None:
+    """Tune (and compile) the kernels for ``(M, N, K)`` shapes ahead of use; a no-op without the
+    Triton path."""
+    if not triton_available(device):
+        return
+    for m, n, k in shapes:
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=device) * 0.02
+        if "w8a8" in formats:
+            w8a8_linear(x, pack_w8a8(w))
+        if "fp8" in formats and triton_available(device, fp8=True):
+            fp8_linear(x, pack_fp8(w))
+        if "w4a8" in formats or "w4a16" in formats:
+            pw = pack_w4(w, group_size)
+            if "w4a8" in formats:
+                w4a8_linear(x, pw)
+            if "w4a16" in formats:
+                w4a16_linear(x, pw)
+    torch.cuda.synchronize(device)

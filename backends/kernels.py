@@ -254,13 +254,14 @@ def _epilogue_ref(acc, a_scales, w_scales, bias, out_dtype):
 
 
 def _w4_ref(x2: torch.Tensor, pw: PackedInt4Weight, act_int8: bool, out_dtype) -> torch.Tensor:
-    w = pw.dequantize().to(x2.device)
     if act_int8:
         codes, s = _quantize_tokens_ref(x2, fp8=False)
-        xq = codes.double() * s.double()[:, None]
-    else:
-        xq = x2.double()
-    out = (xq @ w.double().T).float()
+        return _w4_ref_q(codes.double() * s.double()[:, None], pw, out_dtype)
+    return _w4_ref_q(x2.double(), pw, out_dtype)
+
+
+def _w4_ref_q(xq: torch.Tensor, pw: PackedInt4Weight, out_dtype) -> torch.Tensor:
+    out = (xq @ pw.dequantize().to(xq.device).double().T).float()
     if pw.bias is not None:
         out = out + pw.bias.to(out.device)
     return out.to(out_dtype)
@@ -739,26 +740,49 @@ def fp8_linear(x: torch.Tensor, weight: PackedFP8Weight, out_dtype: torch.dtype 
     n, k = weight.shape
     x2 = _rows(x, k)
     dtype = _out_dtype(x, out_dtype)
-    if not _use_triton(x2, backend, fp8=True):
-        codes, s = _quantize_tokens_ref(x2, fp8=True)
-        xq = codes.double() * s.double()[:, None]
+    triton_ok = _use_triton(x2, backend, fp8=True)
+    codes, scales = _quantize_rows_triton(x2, fp8=True) if triton_ok else _quantize_tokens_ref(x2, fp8=True)
+    return fp8_gemm(codes, scales, weight, dtype, backend="auto" if triton_ok else "torch").reshape(*x.shape[:-1], n)
+
+
+def fp8_gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, weight: PackedFP8Weight,
+             out_dtype: torch.dtype = torch.bfloat16, backend: str = "auto") -> torch.Tensor:
+    """The GEMM of :func:`fp8_linear` on activations already quantized per token (float8_e4m3fn
+    ``[M, K]``, float32 scales ``[M]``): ``torch._scaled_mm`` on a GPU that has FP8 (plain torch ops
+    and traceable by ``torch.compile``), the float64 reference elsewhere."""
+    a_scales = a_scales.reshape(-1).float()
+    if backend == "torch" or not fp8_supported(a_codes.device):
+        if backend == "triton":
+            raise KernelUnavailable("fp8_gemm needs a CUDA GPU with FP8 (compute capability 8.9+)")
+        xq = a_codes.double() * a_scales.double()[:, None]
         out = (xq @ weight.dequantize().to(xq.device).double().T).float()
         if weight.bias is not None:
             out = out + weight.bias.to(out.device)
-        return out.to(dtype).reshape(*x.shape[:-1], n)
-    codes, scales = _quantize_rows_triton(x2, fp8=True)
-    m = codes.shape[0]
+        return out.to(out_dtype)
+    return _scaled_mm_rowwise(a_codes, a_scales, weight, out_dtype)
+
+
+def fp8_supported(device: torch.device | str) -> bool:
+    """Whether ``torch._scaled_mm`` FP8 runs on ``device`` (CUDA, compute capability 8.9+)."""
+    device = torch.device(device)
+    return (device.type == "cuda" and torch.cuda.is_available()
+            and torch.cuda.get_device_capability(device) >= (8, 9))
+
+
+def _scaled_mm_rowwise(a_codes, a_scales, weight: PackedFP8Weight, out_dtype):
+    """FP8 GEMM through cuBLASLt with per-row x per-column scales (plain torch ops: traceable)."""
+    m, k = a_codes.shape
     pad = (-m) % 16  # cuBLASLt's FP8 GEMM wants the dimensions multiples of 16
     if pad:
-        codes = torch.cat([codes, codes.new_zeros((pad, k))])
-        scales = torch.cat([scales, scales.new_ones(pad)])
-    out = torch._scaled_mm(codes, weight.data.t(), scale_a=scales[:, None], scale_b=weight.scales[None, :],
+        a_codes = torch.cat([a_codes, a_codes.new_zeros((pad, k))])
+        a_scales = torch.cat([a_scales, a_scales.new_ones(pad)])
+    out = torch._scaled_mm(a_codes, weight.data.t(), scale_a=a_scales[:, None], scale_b=weight.scales[None, :],
                            out_dtype=torch.bfloat16)
     if pad:
         out = out[:m]
     if weight.bias is not None:
-        out = out.float().add_(weight.bias) if dtype == torch.float32 else out.add_(weight.bias.to(out.dtype))
-    return out.to(dtype).reshape(*x.shape[:-1], n)
+        out = out.float() + weight.bias if out_dtype == torch.float32 else out + weight.bias.to(out.dtype)
+    return out.to(out_dtype)
 
 
 def _w4_launch(a, pw: PackedInt4Weight, a_scales, act_int8: bool, out_dtype):
@@ -813,18 +837,32 @@ def w4a8_linear(x: torch.Tensor, weight: PackedInt4Weight, out_dtype: torch.dtyp
     if not _use_triton(x2, backend):
         return _w4_ref(x2, weight, True, dtype).reshape(*x.shape[:-1], n)
     codes, scales = _quantize_rows_triton(x2, fp8=False)
+    return w4a8_gemm(codes, scales, weight, dtype, backend=backend, impl=impl).reshape(*x.shape[:-1], n)
+
+
+def w4a8_gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, weight: PackedInt4Weight,
+              out_dtype: torch.dtype = torch.bfloat16, backend: str = "auto", impl: str = "auto") -> torch.Tensor:
+    """The GEMM of :func:`w4a8_linear` on activations already quantized per token (int8 codes
+    ``[M, K]``, float32 scales ``[M]``, e.g. by :func:`quantize_tokens_int8` or by ops a compiler
+    fused into the layer in front): ``(codes * scales) @ weight.dequantize()^T + bias``."""
+    n, k = weight.shape
+    if a_codes.dim() != 2 or a_codes.shape[1] != k or a_codes.dtype != torch.int8:
+        raise ValueError(f"w4a8_gemm needs int8 codes [M, {k}], got {a_codes.dtype} {tuple(a_codes.shape)}")
+    a_scales = a_scales.reshape(-1).float().contiguous()
+    if not _use_triton(a_codes, backend):
+        return _w4_ref_q(a_codes.double() * a_scales.double()[:, None], weight, out_dtype)
+    a_codes = a_codes if a_codes.stride(-1) == 1 else a_codes.contiguous()
     if impl == "auto":
-        impl = "unpack" if weight.group_size is None and x2.shape[0] >= W4A8_UNPACK_MIN_M else "fused"
+        impl = "unpack" if weight.group_size is None and a_codes.shape[0] >= W4A8_UNPACK_MIN_M else "fused"
     if impl == "unpack":
         if weight.group_size is not None:
             raise ValueError("the unpack path of w4a8_linear takes per-channel weights only")
         w8 = unpack_w4_int8(weight)
-        out = int8_gemm(codes, scales, w8, weight.kernel_scales.reshape(n), weight.bias, dtype, backend=backend)
-    elif impl == "fused":
-        out = _w4_launch(codes, weight, scales, True, dtype)
-    else:
-        raise ValueError(f"impl must be 'auto', 'fused' or 'unpack', got {impl!r}")
-    return out.reshape(*x.shape[:-1], n)
+        return int8_gemm(a_codes, a_scales, w8, weight.kernel_scales.reshape(n), weight.bias, out_dtype,
+                         backend=backend)
+    if impl == "fused":
+        return _w4_launch(a_codes, weight, a_scales, True, out_dtype)
+    raise ValueError(f"impl must be 'auto', 'fused' or 'unpack', got {impl!r}")
 
 
 def w4a16_linear(x: torch.Tensor, weight: PackedInt4Weight, out_dtype: torch.dtype | None = None,

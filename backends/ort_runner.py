@@ -17,6 +17,15 @@ Session settings (:func:`session_options`), pinned so that the numerics stay tho
   with QDQS8ToU8Transformer changed INT8 segments' outputs by ~2e-3 relative on our tiny models
   (disabling either pass restores ~1e-7); EXTENDED keeps the INT8 (MatMulIntegerToFloat) and INT4
   (MatMulNBits) kernels and the float fusions.
+* on x86 CPUs without VNNI (AVX2 only), ``QDQS8ToU8Transformer`` is disabled
+  (:func:`disabled_optimizers`): it turns the symmetric INT8 activations into UINT8 so that the
+  QDQ selector can fuse the layer into MatMulIntegerToFloat, whose u8 x s8 AVX2 kernel
+  (``vpmaddubsw``) adds pairs of products into *saturating* int16 lanes; with full-range INT8
+  weights that overflows (measured on an AVX2-only AMD EPYC: 9.9e-2 mean relative error on the
+  tiny Flux model's W8A8 segment, against 1e-6 with the pass off). VNNI (``vpdpbusd``, AVX-512
+  VNNI, AVX-VNNI, AMX) accumulates in int32 and is exact, so there the fusion stays. Without it
+  the INT8 layers run as DQ + float GEMM: correct, not faster. ``ADATSQ_ORT_INT8_FUSION=on|off``
+  overrides the detection.
 
 What onnxruntime fuses is reported by :func:`fused_ops`.
 """
@@ -34,6 +43,49 @@ from torch import nn
 from ..errors import InputError
 from .manifest import MANIFEST, ONNX_DIR, BuildDirError, load_manifest, verify_files, verify_plan
 from .onnx_qdq import ORT_SESSION_CONFIG
+
+
+#: x86 CPU flags whose integer dot products accumulate in int32 (no int16 saturation)
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512vnni")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty where unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def int8_fusion_exact() -> bool:
+    """Whether onnxruntime's fused u8 x s8 INT8 GEMM computes exact int32 sums on this CPU: ARM
+    (sdot/udot), or x86 with VNNI/AMX. ``ADATSQ_ORT_INT8_FUSION=on|off`` overrides."""
+    import os
+    import platform
+
+    env = os.environ.get("ADATSQ_ORT_INT8_FUSION", "auto").lower()
+    if env in ("on", "off"):
+        return env == "on"
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    return bool(cpu_flags() & set(VNNI_FLAGS))
+
+
+def disabled_optimizers() -> list[str]:
+    """onnxruntime graph transformers the runner turns off on this machine (module docstring)."""
+    return [] if int8_fusion_exact() else ["QDQS8ToU8Transformer"]
+
+
+def make_session(path, so, providers: Sequence[str] = ("CPUExecutionProvider",)):
+    """An InferenceSession with the runner's settings: ``so`` from :func:`session_options`, and
+    :func:`disabled_optimizers`."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), so, providers=list(providers), disabled_optimizers=disabled_optimizers())
 
 
 def session_options(threads: int | None = None, optimized_model: str | Path | None = None, level: str = "extended"):
@@ -72,10 +124,8 @@ def providers(device: str = "auto") -> list[str]:
 
 
 def _session(path: Path, so, provs):
-    import onnxruntime as ort
-
     try:
-        return ort.InferenceSession(str(path), so, providers=provs)
+        return make_session(path, so, provs)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/... types
         raise BuildDirError(f"{path}: onnxruntime cannot load it ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:300]})") from None

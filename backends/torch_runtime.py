@@ -18,12 +18,25 @@ machine without CUDA/Triton the kernels take their torch reference path, so the 
 computes the plan's reference numerics (the search's simulation, up to float summation order).
 
 :func:`step_callback` advances the clock from a diffusers pipeline's ``callback_on_step_end``.
+
+**Under ``torch.compile``** each quantized layer is one custom op (``adatsq::plan_linear``;
+``adatsq::int_linear`` after the activation quantization), opaque to the compiler: the op reads
+the clock when it runs, so the precision switches per step inside one compiled graph (no guard on
+the step, no recompilation, the segment is data). Where every precision a layer runs takes INT8
+activations (W8A8 and W4A8), or the layer is FP8 at every step, the per-token quantization (and
+the smoothing division) are written as plain torch ops in front of the op, so the compiler fuses
+them into the ops that produce ``x`` (the adaLN modulation, the attention output) and computes
+them once for the layers that share an input (q/k/v). Those compiled quantization ops are the
+reference numerics traced by Inductor: its division may round differently from IEEE division in
+the last float32 bit, which can move a code at a rounding tie (eager calls use the bit-exact
+Triton pass).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+import weakref
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +46,42 @@ from ..errors import InputError
 
 #: lattice points the runtime executes: (w_bits, a_bits) -> kernel
 KERNELS = {(8, 8): "w8a8", (4, 8): "w4a8", (4, 16): "w4a16"}
+#: kernels of a layer: these plus "fp8" (FP8 E4M3 W8A8; :func:`lower_linears` only) and "fp" (16-bit)
+KINDS = ("w8a8", "w4a8", "w4a16", "fp8", "fp")
+#: kernels that take per-token INT8 activations (one quantization serves every one of them)
+INT8_ACT = frozenset({"w8a8", "w4a8"})
+
+#: PlanLinear instances by uid, for the custom ops (weak: a dropped runtime frees its layers)
+_LAYERS: list[weakref.ref] = []
+
+
+def _layer(uid: int) -> "PlanLinear":
+    m = _LAYERS[uid]() if 0 <= uid < len(_LAYERS) else None
+    if m is None:
+        raise RuntimeError(f"adatsq runtime: layer {uid} no longer exists")
+    return m
+
+
+@torch.library.custom_op("adatsq::plan_linear", mutates_args=())
+def _plan_linear_op(x: torch.Tensor, uid: int) -> torch.Tensor:
+    """A lowered layer on ``x [M, K]`` at the clock's step."""
+    return _layer(uid)._run(x)
+
+
+@_plan_linear_op.register_fake
+def _(x, uid):
+    return x.new_empty((x.shape[0], _layer(uid).out_features))
+
+
+@torch.library.custom_op("adatsq::int_linear", mutates_args=())
+def _int_linear_op(codes: torch.Tensor, scales: torch.Tensor, uid: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """A lowered layer whose precisions all take INT8 activations, on quantized activations."""
+    return _layer(uid)._run_int(codes, scales, out_dtype)
+
+
+@_int_linear_op.register_fake
+def _(codes, scales, uid, out_dtype):
+    return codes.new_empty((codes.shape[0], _layer(uid).out_features), dtype=out_dtype)
 
 
 class PlanLinear(nn.Module):
@@ -52,6 +101,15 @@ class PlanLinear(nn.Module):
         self.clock = clock
         self.smooth = smooth
         self.low_rank = low_rank
+        from . import kernels
+
+        unknown = {k for k, _ in self.variants.values()} - set(KINDS)
+        if unknown:
+            raise ValueError(f"PlanLinear: unknown kernel {sorted(unknown)[0]!r} (known: {', '.join(KINDS)})")
+        fp8 = [p for k, p in self.variants.values() if k == "fp8"]
+        self._fp8_gpu = bool(fp8) and kernels.fp8_supported(fp8[0].data.device)
+        self.uid = len(_LAYERS)
+        _LAYERS.append(weakref.ref(self))
 
     def extra_repr(self) -> str:
         return (f"{self.in_features} -> {self.out_features}, precisions "
@@ -61,7 +119,41 @@ class PlanLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from . import kernels
 
-        kind, packed = self.variants[self.per_step[self.clock.step]]
+        kinds = {k for k, _ in self.variants.values()}
+        if kinds == {"fp"}:
+            return F.linear(x, self.weight, self.bias)
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        if not (kinds <= INT8_ACT or kinds == {"fp8"}):  # the op smooths and adds the branch itself
+            return torch.ops.adatsq.plan_linear(x2, self.uid).reshape(*lead, self.out_features)
+        xs = x2 / self.smooth if self.smooth is not None else x2
+        compiling = torch.compiler.is_compiling()
+        if kinds == {"fp8"}:
+            _, packed = next(iter(self.variants.values()))
+            codes, scales = (kernels._quantize_tokens_ref(xs, fp8=True) if compiling  # plain ops: fused
+                             else kernels.quantize_tokens_fp8(xs))
+            y = (kernels._scaled_mm_rowwise(codes, scales.float(), packed, x.dtype) if self._fp8_gpu
+                 else kernels.fp8_gemm(codes, scales, packed, x.dtype, backend="torch"))
+        else:
+            codes, scales = (kernels._quantize_tokens_ref(xs, fp8=False) if compiling
+                             else kernels.quantize_tokens_int8(xs))
+            y = torch.ops.adatsq.int_linear(codes, scales, self.uid, x.dtype)
+        return self._branch(y, xs).reshape(*lead, self.out_features)
+
+    def _branch(self, y: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        if self.low_rank is None:
+            return y
+        a, b = self.low_rank
+        return (y + (xs.to(b.dtype) @ b.T) @ a.T).to(y.dtype)
+
+    def current(self) -> tuple[str, Any]:
+        """(kernel, packed weight) of the clock's step."""
+        return self.variants[self.per_step[self.clock.step]]
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        from . import kernels
+
+        kind, packed = self.current()
         if kind == "fp":
             return F.linear(x, self.weight, self.bias)
         xs = x / self.smooth if self.smooth is not None else x
@@ -69,22 +161,29 @@ class PlanLinear(nn.Module):
             y = kernels.w8a8_linear(xs, packed, out_dtype=x.dtype)
         elif kind == "w4a8":
             y = kernels.w4a8_linear(xs, packed, out_dtype=x.dtype)
+        elif kind == "fp8":
+            y = kernels.fp8_linear(xs, packed, out_dtype=x.dtype)
         else:
             y = kernels.w4a16_linear(xs, packed, out_dtype=x.dtype)
-        if self.low_rank is not None:
-            a, b = self.low_rank
-            y = y + (xs @ b.T) @ a.T
-        return y
+        return self._branch(y, xs)
+
+    def _run_int(self, codes: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        from . import kernels
+
+        kind, packed = self.current()
+        if kind == "w8a8":
+            return kernels.int8_gemm(codes, scales, packed.codes, packed.scales, packed.bias, out_dtype)
+        return kernels.w4a8_gemm(codes, scales, packed, out_dtype)
 
     def nbytes(self) -> dict[str, int]:
         """Resident bytes: the packed copies, the 16-bit weight if some step runs it, the base."""
         out = {"copies": 0, "fp16_weight": 0, "base": 0}
         for kind, packed in self.variants.values():
             if kind == "fp":
-                out["fp16_weight"] = self.weight.numel() * 2
+                out["fp16_weight"] = self.weight.numel() * self.weight.element_size()
             else:
-                out["copies"] += sum(t.numel() * t.element_size() for t in dataclasses.astuple(packed)
-                                     if isinstance(t, torch.Tensor))
+                fields = (getattr(packed, f.name) for f in dataclasses.fields(packed))
+                out["copies"] += sum(t.numel() * t.element_size() for t in fields if isinstance(t, torch.Tensor))
         for t in ([self.smooth] if self.smooth is not None else []) + list(self.low_rank or ()):
             out["base"] += t.numel() * t.element_size()
         return out
@@ -130,7 +229,7 @@ def lower_to_torch(transformer: nn.Module, plan: Any, weights: Any, clock: Any, 
         raise InputError(f"runtime: the plan has {len(plan.assignment)} steps, the clock {clock.num_steps}")
     mods = dict(transformer.named_modules())
     by_name = {p.name: p for p in plan.lattice}
-    layers, originals, parents = {}, {}, {}
+    layers = {}
     for i, param in enumerate(plan.layers):
         name = param[: -len(".weight")] if param.endswith(".weight") else param
         mod = mods.get(name)
@@ -165,14 +264,58 @@ def lower_to_torch(transformer: nn.Module, plan: Any, weights: Any, clock: Any, 
         smooth = prep.smooth.to(device, dtype or torch.float32) if prep is not None else None
         low_rank = (tuple(t.to(device, dtype or torch.float32) for t in prep.low_rank)
                     if prep is not None and prep.low_rank is not None else None)
-        parent_name, _, attr = name.rpartition(".")
-        parents[name] = (mods[parent_name] if parent_name else transformer, attr)
-        originals[name] = mod
         layers[name] = PlanLinear(mod, variants, per_step, clock, smooth, low_rank)
-    # every layer is prepared before the first is swapped: an error above leaves the model untouched
-    for name, (parent, attr) in parents.items():
-        setattr(parent, attr, layers[name])
+    return _swap(transformer, layers, keep_originals, clock)
+
+
+def _swap(transformer: nn.Module, layers: dict[str, "PlanLinear"], keep_originals: bool, clock: Any) -> TorchRuntime:
+    # every layer is prepared before the first is swapped: an error before this leaves the model untouched
+    mods = dict(transformer.named_modules())
+    originals, parents = {}, {}
+    for name, layer in layers.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = mods[parent_name] if parent_name else transformer
+        originals[name] = getattr(parent, attr)
+        parents[name] = (parent, attr)
+        setattr(parent, attr, layer)
     return TorchRuntime(layers, originals if keep_originals else {}, clock, parents)
+
+
+def lower_linears(transformer: nn.Module, kernels_per_step: Mapping[str, Sequence[str]], clock: Any,
+                  group_size: int | None = None, keep_originals: bool = True) -> TorchRuntime:
+    """Lower Linear layers by name to :class:`PlanLinear` with round-to-nearest weights packed from
+    the layers' own weights, where they are (no build needed: a synthetic or hand-written plan, e.g.
+    for speed measurements): ``kernels_per_step[name][k]`` is the kernel of step ``k``, one of
+    :data:`KINDS` (``fp8``: FP8 E4M3 weights per channel and per-token FP8 activations)."""
+    from . import kernels
+
+    mods = dict(transformer.named_modules())
+    layers = {}
+    for name, per_step in kernels_per_step.items():
+        mod = mods.get(name)
+        if not isinstance(mod, nn.Linear):
+            raise InputError(f"runtime: {name} is not a Linear layer of the model "
+                             f"({type(mod).__name__ if mod is not None else 'no such module'})")
+        per_step = tuple(per_step)
+        if len(per_step) != clock.num_steps:
+            raise InputError(f"runtime: {name} has {len(per_step)} steps, the clock {clock.num_steps}")
+        bad = sorted(set(per_step) - set(KINDS))
+        if bad:
+            raise InputError(f"runtime: {name}: unknown kernel {bad[0]!r} (known: {', '.join(KINDS)})")
+        w = mod.weight.detach()
+        bias = mod.bias.detach().float() if mod.bias is not None else None
+        variants = {}
+        for kind in dict.fromkeys(per_step):
+            if kind == "fp":
+                variants[kind] = ("fp", None)
+            elif kind == "w8a8":
+                variants[kind] = (kind, kernels.pack_w8a8(w.float(), bias))
+            elif kind == "fp8":
+                variants[kind] = (kind, kernels.pack_fp8(w, bias))
+            else:
+                variants[kind] = (kind, kernels.pack_w4(w.float(), group_size, bias))
+        layers[name] = PlanLinear(mod, variants, per_step, clock)
+    return _swap(transformer, layers, keep_originals, clock)
 
 
 def step_callback(clock: Any) -> Callable:

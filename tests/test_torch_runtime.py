@@ -91,3 +91,105 @@ def test_runtime_rejects_what_it_cannot_run(lowered_inputs):
     assert cb(None, 0, None, {"a": 1}) == {"a": 1} and clock.step == 1
     cb(None, 2, None, {})
     assert clock.step == 2  # clamped at the last step
+
+
+class _Block(torch.nn.Module):
+    """A small stand-in for a DiT block: q/k/v share an input, an MLP, a 16-bit-only layer."""
+
+    def __init__(self, d=64, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.q, self.k, self.v = (torch.nn.Linear(d, d) for _ in range(3))
+        self.up, self.down = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+        self.gate = torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        h = torch.nn.functional.layer_norm(x, x.shape[-1:]) * 1.5 + 0.1
+        a = torch.softmax(self.q(h) @ self.k(h).transpose(-1, -2) / 8, dim=-1) @ self.v(h)
+        x = x + a * torch.sigmoid(self.gate(x))
+        return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+SCHEDULE = {  # 4 steps: every kernel, and layers that switch between them
+    "q": ("w8a8", "w4a8", "w4a8", "w8a8"),  # INT8 activations at every step: the fused path
+    "k": ("w8a8",) * 4,
+    "v": ("fp8",) * 4,  # the FP8 path
+    "up": ("w4a16", "w8a8", "fp", "w4a8"),  # the opaque path, 16-bit at one step
+    "down": ("w4a8",) * 4,
+}
+
+
+def _rtn_reference(block, x, step):
+    """The schedule's numerics written with passes/quant.py's fake-quant ops."""
+    from adatsq.passes.quant import fake_quant_tokens, fake_quant_tokens_fp8, fake_quant_weight_fp8, quantize_weight
+
+    def op(name, mod, inp):
+        kind = SCHEDULE.get(name, ("fp",) * 4)[step]
+        w, b = mod.weight.detach(), mod.bias.detach()
+        if kind == "fp":
+            return torch.nn.functional.linear(inp, w, b)
+        if kind == "fp8":
+            return torch.nn.functional.linear(fake_quant_tokens_fp8(inp), fake_quant_weight_fp8(w), b)
+        wq = quantize_weight(w, 8 if kind == "w8a8" else 4).dequantize()
+        xq = inp if kind == "w4a16" else fake_quant_tokens(inp, 8)
+        return torch.nn.functional.linear(xq, wq, b)
+
+    h = torch.nn.functional.layer_norm(x, x.shape[-1:]) * 1.5 + 0.1
+    a = torch.softmax(op("q", block.q, h) @ op("k", block.k, h).transpose(-1, -2) / 8, dim=-1) @ op("v", block.v, h)
+    x = x + a * torch.sigmoid(op("gate", block.gate, x))
+    return x + op("down", block.down, torch.nn.functional.gelu(op("up", block.up, x)))
+
+
+def test_lower_linears_follows_the_schedule_and_compiles_once():
+    """Eager: each step runs its kernels (= the fake-quant reference). Under torch.compile
+    (fullgraph: no graph break) the step is data: one compilation serves all four steps, with the
+    same outputs as eager."""
+    from adatsq.backends.torch_runtime import PlanLinear, lower_linears
+    from adatsq.passes.transforms import StepClock
+
+    block = _Block()
+    x = torch.randn(2, 24, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fp = block(x)
+        ref = [_rtn_reference(block, x, k) for k in range(4)]
+    clock = StepClock(4)
+    rt = lower_linears(block, SCHEDULE, clock)
+    assert isinstance(block.q, PlanLinear) and not isinstance(block.gate, PlanLinear)
+    mem = rt.memory()
+    assert mem["fp16_weight"] == block.up.weight.numel() * 4  # only "up" keeps its float weight (float32 here)
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend=counting_backend, fullgraph=True)
+    with torch.no_grad():
+        for k in range(4):
+            clock.step = k
+            eager = block(x)
+            assert torch.allclose(eager, ref[k], rtol=1e-4, atol=1e-4), k
+            assert not torch.allclose(eager, fp, atol=1e-3)
+            assert torch.allclose(compiled(x), eager, rtol=1e-5, atol=1e-5), k
+    assert len(compiles) == 1
+    # the compiled graph calls the runtime's ops: the fused int path and the opaque one
+    targets = {str(n.target) for n in compiles[0].graph.nodes if n.op == "call_function"}
+    assert any("int_linear" in t for t in targets) and any("plan_linear" in t for t in targets), targets
+    rt.restore()
+    with torch.no_grad():
+        assert torch.equal(block(x), fp)
+
+
+def test_lower_linears_rejects_bad_input():
+    from adatsq.backends.torch_runtime import lower_linears
+    from adatsq.passes.transforms import StepClock
+
+    block = _Block()
+    with pytest.raises(InputError, match="not a Linear"):
+        lower_linears(block, {"nope": ("fp",) * 4}, StepClock(4))
+    with pytest.raises(InputError, match="unknown kernel"):
+        lower_linears(block, {"q": ("w2a2",) * 4}, StepClock(4))
+    with pytest.raises(InputError, match="steps"):
+        lower_linears(block, {"q": ("fp",) * 3}, StepClock(4))
+    assert type(block.q) is torch.nn.Linear  # untouched

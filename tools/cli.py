@@ -238,6 +238,7 @@ def cmd_eval(args) -> int:
                 variants.append(f"{bits.lower()}-{method.lower()}")
     variants += [f"plan:{d}" for d in (args.plan or [])]
     variants += [f"deployed:{d}" for d in (args.deployed or [])] + [f"ort:{d}" for d in (args.ort or [])]
+    variants += [f"torch:{d}" for d in (args.torch_runtime or [])]
     cfg = EvalConfig(model=args.model, variants=tuple(variants or ("fp",)), n=args.n, classes=classes,
                      seed=args.seed, steps=args.steps, guidance=args.guidance, batch=args.batch,
                      keep_going=args.keep_going, device=args.device)
@@ -675,6 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(static activation scales), repeatable")
     pv.add_argument("--ort", action="append", metavar="BUILD",
                     help="a lowered build (BUILD/onnx) sampled by onnxruntime on the CPU, repeatable")
+    pv.add_argument("--torch-runtime", action="append", metavar="BUILD",
+                    help="a build sampled by the PyTorch/CUDA runtime (low-bit kernels on --device cuda, their "
+                         "reference ops on the CPU; plans of --target torch-cuda), repeatable")
     pv.add_argument("--grid", metavar="FILE.png", help="write a PNG grid: FP row vs variant rows, same seeds")
     pv.add_argument("--plan", action="append", metavar="BUILD_DIR",
                     help="also evaluate the plan of an `adatsq build` directory (repeatable)")

@@ -76,7 +76,7 @@ class EvalConfig:
             if kind is not None:
                 if not (d / "plan.json").is_file():
                     raise InputError(f"eval: {d} is not a build directory (no plan.json)")
-                if kind != "plan" and not (d / "onnx" / "manifest.json").is_file():
+                if kind in ("deployed", "ort") and not (d / "onnx" / "manifest.json").is_file():
                     raise InputError(f"eval: {d} has no lowered ONNX (onnx/manifest.json); build it with "
                                      f"--target onnxruntime")
             elif v != "fp":
@@ -86,8 +86,21 @@ class EvalConfig:
 #: variants that sample a build directory: ``plan:DIR`` the search's simulation (per-token
 #: activations), ``deployed:DIR`` the PyTorch reference of what the lowered ONNX computes (static
 #: per-segment activation scales, FP16 low-rank factors), ``ort:DIR`` the lowered ONNX itself on
-#: onnxruntime (CPU)
-BUILD_VARIANTS = ("plan", "deployed", "ort")
+#: onnxruntime (CPU), ``torch:DIR`` the PyTorch/CUDA runtime (backends/torch_runtime.py: the low-bit
+#: kernels on a GPU, their reference ops on the CPU)
+BUILD_VARIANTS = ("plan", "deployed", "ort", "torch")
+
+
+@contextlib.contextmanager
+def _torch_runtime(transformer, plan, weights, clock, device):
+    """The plan lowered by the torch runtime (entered after the model moved to ``device``)."""
+    from ..backends.torch_runtime import lower_to_torch
+
+    rt = lower_to_torch(transformer, plan, weights, clock, device=device)
+    try:
+        yield rt
+    finally:
+        rt.restore()
 
 
 def build_variant(variant: str) -> tuple[str | None, Path | None]:
@@ -174,7 +187,9 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | Non
             weights = load_weight_copies(wfile) if wfile.is_file() else None
             if kind == "ort":
                 return _sample_ort(d, labels, seeds, schedule, cfg.batch, variant, on_progress)
-            if kind == "deployed":
+            if kind == "torch":
+                ctx = _torch_runtime(transformer, plan, weights, clock, device)
+            elif kind == "deployed":
                 from ..backends.manifest import load_manifest
                 from ..backends.onnx_qdq import deployed_layers, deployed_transforms
 

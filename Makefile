@@ -16,7 +16,7 @@ DEMO_SEARCH_SAMPLES ?= 6
 DEMO_BUDGET ?= W6A12
 DEMO_N ?= 64
 
-.PHONY: demo test bench clean data table
+.PHONY: demo test bench bench-ort clean data table
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -63,6 +63,13 @@ table: $(VENV)/.peers data
 bench: $(VENV)/.installed
 	$(PY) tools/bench_export.py --out benchmarks/results/export_cpu_tiny.json
 	$(PY) tools/bench_export.py --preset wide --out benchmarks/results/export_cpu_wide.json
+
+# issue 8's CPU benchmark: FP32 ORT vs onnxruntime's quantize_dynamic/quantize_static vs our W8A8, W4A16 and
+# mixed W6A12 builds (latency, size, fused nodes, quality on BENCH_N samples); records the CPU
+BENCH_N ?= 128
+bench-ort: $(VENV)/.installed data
+	$(PY) -m adatsq.tools.bench_ort -n $(BENCH_N) --cache $(OUT)/cache --work $(OUT)/bench-ort \
+	  --out benchmarks/results/ort_cpu.json --md benchmarks/results/ort_cpu.md
 
 clean:
 	rm -rf $(VENV) $(OUT) *.egg-info

@@ -256,11 +256,12 @@ def _epilogue_ref(acc, a_scales, w_scales, bias, out_dtype):
 def _w4_ref(x2: torch.Tensor, pw: PackedInt4Weight, act_int8: bool, out_dtype) -> torch.Tensor:
     if act_int8:
         codes, s = _quantize_tokens_ref(x2, fp8=False)
-        return _w4_ref_q(codes.double() * s.double()[:, None], pw, out_dtype)
-    return _w4_ref_q(x2.double(), pw, out_dtype)
+        return _ref_dq_mm(codes.double() * s.double()[:, None], pw, out_dtype)
+    return _ref_dq_mm(x2.double(), pw, out_dtype)
 
 
-def _w4_ref_q(xq: torch.Tensor, pw: PackedInt4Weight, out_dtype) -> torch.Tensor:
+def _ref_dq_mm(xq: torch.Tensor, pw, out_dtype) -> torch.Tensor:
+    """float64 ``xq @ W^T + b`` with ``W`` a packed weight's dequantized values (any format)."""
     out = (xq @ pw.dequantize().to(xq.device).double().T).float()
     if pw.bias is not None:
         out = out + pw.bias.to(out.device)
@@ -754,11 +755,7 @@ def fp8_gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, weight: PackedFP8Wei
     if backend == "torch" or not fp8_supported(a_codes.device):
         if backend == "triton":
             raise KernelUnavailable("fp8_gemm needs a CUDA GPU with FP8 (compute capability 8.9+)")
-        xq = a_codes.double() * a_scales.double()[:, None]
-        out = (xq @ weight.dequantize().to(xq.device).double().T).float()
-        if weight.bias is not None:
-            out = out + weight.bias.to(out.device)
-        return out.to(out_dtype)
+        return _ref_dq_mm(a_codes.double() * a_scales.double()[:, None], weight, out_dtype)
     return _scaled_mm_rowwise(a_codes, a_scales, weight, out_dtype)
 
 
@@ -850,7 +847,7 @@ def w4a8_gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, weight: PackedInt4W
         raise ValueError(f"w4a8_gemm needs int8 codes [M, {k}], got {a_codes.dtype} {tuple(a_codes.shape)}")
     a_scales = a_scales.reshape(-1).float().contiguous()
     if not _use_triton(a_codes, backend):
-        return _w4_ref_q(a_codes.double() * a_scales.double()[:, None], weight, out_dtype)
+        return _ref_dq_mm(a_codes.double() * a_scales.double()[:, None], weight, out_dtype)
     a_codes = a_codes if a_codes.stride(-1) == 1 else a_codes.contiguous()
     if impl == "auto":
         impl = "unpack" if weight.group_size is None and a_codes.shape[0] >= W4A8_UNPACK_MIN_M else "fused"

@@ -88,8 +88,10 @@ def make_session(path, so, providers: Sequence[str] = ("CPUExecutionProvider",))
     return ort.InferenceSession(str(path), so, providers=list(providers), disabled_optimizers=disabled_optimizers())
 
 
-def session_options(threads: int | None = None, optimized_model: str | Path | None = None, level: str = "extended"):
-    """The runner's pinned session settings (see the module docstring and docs/backends.md)."""
+def session_options(threads: int | None = None, optimized_model: str | Path | None = None, level: str = "extended",
+                    pinned: bool = True):
+    """The runner's pinned session settings (see the module docstring and docs/backends.md);
+    ``pinned=False``: onnxruntime's defaults at ``level`` (threads and output path only)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -97,7 +99,7 @@ def session_options(threads: int | None = None, optimized_model: str | Path | No
                                    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                                    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                                    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[level]
-    for k, v in ORT_SESSION_CONFIG.items():
+    for k, v in (ORT_SESSION_CONFIG.items() if pinned else ()):
         so.add_session_config_entry(k, v)
     if threads:
         so.intra_op_num_threads = int(threads)

@@ -174,20 +174,9 @@ def disk_size(model_paths: Sequence[str | Path]) -> dict[str, Any]:
 # =========================================================================== onnxruntime sessions
 def plain_session_options(threads: int | None = 2, level: str = "all", optimized_model: str | Path | None = None):
     """onnxruntime's defaults (what a user of its quantization tools runs), with ``threads``."""
-    import onnxruntime as ort
+    from ..backends.ort_runner import session_options
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                                   "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[level]
-    if threads:
-        so.intra_op_num_threads = int(threads)
-        so.inter_op_num_threads = 1
-    if optimized_model is not None:
-        so.optimized_model_filepath = str(optimized_model)
-    so.log_severity_level = 3
-    return so
+    return session_options(threads, optimized_model=optimized_model, level=level, pinned=False)
 
 
 def runner_session_options(threads: int | None = 2, level: str = "extended",

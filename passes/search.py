@@ -78,6 +78,7 @@ class Entry:
     error: float
     w_spent: float  # sum over steps so far of params x w_bits
     a_spent: float
+    used: tuple[int, ...] = ()  # per group: bit mask of the lattice points it has run at so far
 
 
 @dataclasses.dataclass
@@ -98,6 +99,25 @@ def check_budget(lattice: Sequence[Precision], budget: Budget) -> None:
         raise InputError(f"infeasible budget W{budget.w_bits:g}A{budget.a_bits:g}: the lattice's cheapest "
                          f"precisions are {lo_w}-bit weights and {lo_a}-bit activations "
                          f"({', '.join(p.name for p in lattice)})")
+
+
+def check_memory(lattice: Sequence[Precision], memory_bits: float | None) -> None:
+    """Raise InputError if no policy over ``lattice`` fits a memory budget of ``memory_bits`` bits
+    per parameter (the cheapest point at every step needs one copy of its width)."""
+    if memory_bits is None:
+        return
+    lo = min(p.w_bits for p in lattice)
+    if not memory_bits >= lo - 1e-9:
+        raise InputError(f"infeasible memory budget of {memory_bits:g} bits per parameter: the lattice's "
+                         f"narrowest weights are {lo}-bit ({', '.join(p.name for p in lattice)})")
+
+
+def memory_bits_of(policy: Sequence[Assignment], lattice: Sequence[Precision], costs: Costs) -> float:
+    """Bits of the distinct weight copies ``policy`` needs, averaged over the parameters."""
+    tot = 0.0
+    for g in range(len(costs.params)):
+        tot += costs.params[g] * sum(lattice[i].w_bits for i in {asg[g] for asg in policy})
+    return tot / max(sum(costs.params), 1e-30)
 
 
 def _pareto(points: list[tuple[float, ...]]) -> list[int]:
@@ -131,7 +151,8 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
                 step_fn: Callable[[Any, int, Sequence[Assignment]], Sequence[tuple[Any, float]]],
                 initial_state: Any, beam: int = 4,
                 progress: Callable[[int, int], None] | None = None, static: bool = False,
-                pace: float | None = None, anchor: Assignment | None = None) -> SearchResult:
+                pace: float | None = None, anchor: Assignment | None = None,
+                memory_bits: float | None = None) -> SearchResult:
     """Beam search (see the module docstring). ``step_fn(state, k, assignments)`` returns, for each
     assignment, the child state and its error after step ``k`` (batched so a model can evaluate
     several children at once); ``candidates(k)`` lists the assignments tried at step ``k``.
@@ -142,10 +163,20 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
     buy down, and pay with the cheapest precisions at the last steps). ``anchor``: an assignment
     whose all-steps path (e.g. the uniform precision at the budget) is kept in the beam beside the
     K entries whatever its rank, so the search can always fall back to it or leave it at any step:
-    it never ends worse on its own error than that fixed policy."""
+    it never ends worse on its own error than that fixed policy. ``memory_bits``: a memory budget,
+    the bits of every distinct weight copy the policy needs (a group that runs at two precisions
+    holds both copies; 16-bit counts 16) averaged over the parameters; a child over it is dropped,
+    and the memory a child has committed joins the dominance test."""
     if beam < 1:
         raise InputError(f"search: beam width must be >= 1, got {beam}")
     check_budget(lattice, budget)
+    check_memory(lattice, memory_bits)
+    mem_cap = None if memory_bits is None else memory_bits * sum(costs.params) * (1 + 1e-9)
+
+    def memory(used: tuple[int, ...]) -> float:
+        return sum(costs.params[g] * sum(p.w_bits for i, p in enumerate(lattice) if m >> i & 1)
+                   for g, m in enumerate(used))
+
     total_w = budget.w_bits * num_steps * sum(costs.params)
     total_a = budget.a_bits * num_steps * sum(costs.macs)
     min_w = min(p.w_bits for p in lattice) * sum(costs.params)
@@ -155,7 +186,7 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
     def axis(w: float, a: float, steps: int) -> float:
         return (w / max(total_w, 1e-30) + a / max(total_a, 1e-30)) * num_steps / max(steps, 1)
 
-    beam_entries = [Entry((), initial_state, 0.0, 0.0, 0.0)]
+    beam_entries = [Entry((), initial_state, 0.0, 0.0, 0.0, (0,) * len(costs.params))]
     explored: list[tuple[int, float, float, bool]] = []
     evaluations = 0
     for k in range(num_steps):
@@ -168,17 +199,21 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
             feasible = []
             for c in (cands if not (static and e.policy) else [e.policy[0]]):
                 dw, da = costs.step_bits(c, lattice)
+                used = tuple(m | (1 << i) for m, i in zip(e.used, c))
                 if (e.w_spent + dw + left * min_w <= total_w + tol and
-                        e.a_spent + da + left * min_a <= total_a + tol):
-                    feasible.append((c, dw, da))
+                        e.a_spent + da + left * min_a <= total_a + tol and
+                        (mem_cap is None or memory(used) <= mem_cap)):
+                    feasible.append((c, dw, da, used))
             if not feasible:
                 continue
-            results = step_fn(e.state, k, [c for c, _, _ in feasible])
+            results = step_fn(e.state, k, [c for c, _, _, _ in feasible])
             evaluations += len(feasible)
-            for (c, dw, da), (state, err) in zip(feasible, results):
-                children.append(Entry(e.policy + (c,), state, float(err), e.w_spent + dw, e.a_spent + da))
+            for (c, dw, da, used), (state, err) in zip(feasible, results):
+                children.append(Entry(e.policy + (c,), state, float(err), e.w_spent + dw, e.a_spent + da, used))
         if not children:
-            raise InputError(f"search: no candidate at step {k} keeps the budget reachable")
+            raise InputError(f"search: no candidate at step {k} keeps the budget reachable"
+                             + (f" within the memory budget of {memory_bits:g} bits per parameter"
+                                if memory_bits is not None else ""))
         bits = [axis(c.w_spent, c.a_spent, k + 1) for c in children]
         errors = [c.error for c in children]
         pool = list(range(len(children)))
@@ -191,6 +226,7 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
         # dominance in (weight bits spent, activation bits spent, error): a child another beats on
         # all three can never end better (the rest of its path is open to the other too)
         front = [pool[i] for i in _pareto([(children[j].w_spent, children[j].a_spent, children[j].error)
+                                           + ((memory(children[j].used),) if mem_cap is not None else ())
                                            for j in pool])]
         keep = _trim(front, bits, errors, beam)
         if anchor is not None:
@@ -403,6 +439,8 @@ class SearchOptions:
     # which samples score the candidates: "heldout" seeds (their own FP trajectory, never seen by
     # the Hessians and Fisher weights the copies were made with) or the "calibration" samples
     score: str = "heldout"
+    # a memory budget: bits of all distinct weight copies per parameter (None: unconstrained)
+    memory_bits: float | None = None
 
     def validate(self) -> None:
         if self.policy not in POLICIES:
@@ -419,7 +457,7 @@ class SearchOptions:
             raise InputError(f"search: score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.pace is not None and self.pace < 0:
             raise InputError(f"search: pace slack must be >= 0, got {self.pace}")
-        target_lattice(self.target)
+        check_memory(target_lattice(self.target), self.memory_bits)
 
 
 #: the samples the search scores on (SearchOptions.score)
@@ -623,7 +661,8 @@ def search_plan(graph: Any, calib: Any, fp_latents: Any, budget: Budget, options
                           policy_candidates(options.policy, errors, lattice, costs, budget, options.levels),
                           step_fn, fp_latents[0, samples].clone(), beam=options.beam, progress=progress,
                           static=options.policy in ("per-layer", "uniform"), pace=options.pace,
-                          anchor=uniform_anchor(lattice, budget, len(groups)) if options.anchor else None)
+                          anchor=uniform_anchor(lattice, budget, len(groups)) if options.anchor else None,
+                          memory_bits=options.memory_bits)
     names = list(groups)
     group_of = {p: n for n, ls in groups.items() for p in ls}
     layers = tuple(table.names)

@@ -380,3 +380,53 @@ def test_deployment_targets_keep_8_bit_copies_per_channel(analysed_tiny):
         make(p, Precision("W4A16", 4, 16))
         make(p, Precision("W8A8", 8, 8))
         assert set(make.copies) == {(p, 4, 16), (p, 8, want8)}, gmax
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("memory", [4.0, 7.0, 9.0])
+def test_memory_budget_is_exact_on_a_separable_problem_and_never_exceeded(seed, memory):
+    """``memory_bits``: the distinct copies a policy needs (a group that runs W4 and W8 holds 12
+    bits per parameter) stay within the budget, and with an untrimmed beam the search finds the
+    brute-force optimum under both budgets (3 steps, 2 groups: 3^6 policies)."""
+    from adatsq.passes.search import memory_bits_of
+
+    e, costs = _toy(seed, S=3, G=2)
+    budget = Budget(5.5, 5.5)
+    S, G, P = e.shape
+    best = (np.inf, None)
+    for flat in itertools.product(range(P), repeat=S * G):
+        pol = tuple(tuple(flat[t * G:(t + 1) * G]) for t in range(S))
+        avg = costs.averages(pol, LATTICE)
+        if (avg.w_bits <= budget.w_bits + 1e-9 and avg.a_bits <= budget.a_bits + 1e-9
+                and memory_bits_of(pol, LATTICE, costs) <= memory + 1e-9):
+            err = sum(e[t, g, pol[t][g]] for t in range(S) for g in range(G))
+            best = min(best, (err, pol))
+    all_asg = list(itertools.product(range(P), repeat=G))
+
+    def step_fn(state, k, asgs):
+        return [(state + sum(e[k, g, a[g]] for g in range(G)),) * 2 for a in asgs]
+
+    res = beam_search(S, LATTICE, costs, budget, lambda k: all_asg, step_fn, 0.0, beam=10 ** 6, memory_bits=memory)
+    assert res.error == pytest.approx(best[0], rel=1e-12)
+    assert memory_bits_of(res.policy, LATTICE, costs) <= memory + 1e-9
+    narrow = beam_search(S, LATTICE, costs, budget, lambda k: all_asg, step_fn, 0.0, beam=2, memory_bits=memory)
+    assert memory_bits_of(narrow.policy, LATTICE, costs) <= memory + 1e-9 and narrow.error >= best[0] - 1e-12
+    free = beam_search(S, LATTICE, costs, budget, lambda k: all_asg, step_fn, 0.0, beam=10 ** 6)
+    assert free.error <= res.error + 1e-12  # a constraint can only cost
+    if memory == 4.0:  # one copy of at most 4 bits per group: one precision per group, never W8
+        assert all(len({asg[g] for asg in res.policy}) == 1 for g in range(G))
+        assert 2 not in {i for asg in res.policy for i in asg}
+        assert memory_bits_of(free.policy, LATTICE, costs) > 4.0  # the budget binds
+
+
+def test_infeasible_memory_budget_fails_before_any_work():
+    e, costs = _toy(0)
+    calls = []
+
+    def step_fn(state, k, asgs):
+        calls.append(k)
+        return [(state, 0.0) for _ in asgs]
+
+    with pytest.raises(InputError, match="infeasible memory budget of 2.5 bits"):
+        beam_search(4, LATTICE, costs, Budget(4.0, 4.0), lambda k: [(0, 0)], step_fn, 0.0, memory_bits=2.5)
+    assert calls == []

@@ -37,6 +37,7 @@ class BuildOptions:
     fisher_mix: float = 1.0  # Fisher-weighted Hessian tempered towards the uniform one (1: the paper's H')
     anchor: bool = True  # keep the uniform policy at the budget in the beam
     search_score: str = "heldout"  # the samples the search scores on: heldout seeds or calibration samples
+    memory_bits: float | None = None  # memory budget: bits of all distinct weight copies per parameter
     cache_dir: str | None = None
 
     def resolved(self) -> "BuildOptions":
@@ -54,7 +55,8 @@ class BuildOptions:
 
         check_budget(target_lattice(self.target), parse_budget(self.resolved().budget))
         SearchOptions(self.target, self.beam, self.search_samples, policy=self.policy, pace=self.pace,
-                      sensitivity=self.search_sensitivity, anchor=self.anchor, score=self.search_score).validate()
+                      sensitivity=self.search_sensitivity, anchor=self.anchor, score=self.search_score,
+                      memory_bits=self.memory_bits).validate()
         if self.weights not in WEIGHTS:
             raise InputError(f"build: unknown weights {self.weights!r} ({', '.join(WEIGHTS)})")
         if self.base not in BASES:
@@ -153,7 +155,8 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
                                                        policy=opts.policy, pace=opts.pace,
                                                        sensitivity=opts.search_sensitivity,
                                                        sensitivity_samples=opts.sensitivity_samples,
-                                                       anchor=opts.anchor, score=opts.search_score),
+                                                       anchor=opts.anchor, score=opts.search_score,
+                                                       memory_bits=opts.memory_bits),
                                          make, progress=lambda done, total: prog("search", done, total),
                                          sensitivity_progress=lambda d, t: prog("search: sensitivity", d, t))
         stage_cache.save_search(plan, sres, groups)
@@ -190,6 +193,10 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
                   search=dict(final_error=sres.error, evaluations=sres.evaluations, front=sres.front,
                               groups={n: ls for n, ls in groups.items()}),
                   weight_copies=sum(len(v) for v in requests.values()),
+                  # what the search constrains: the average bits (always), the copies' bits per
+                  # parameter (with --memory-bits); the memory view below is what the plan needs
+                  constraints=dict(average_bits=dataclasses.asdict(budget), memory_bits=opts.memory_bits,
+                                   plan_memory_bits=round(plan_copy_bits(plan, params), 4)),
                   memory=plan_memory(plan, params, requests, prep),
                   weights_bytes=(out / "weights.safetensors").stat().st_size,
                   seconds={k: round(v, 2) for k, v in timings.items()},
@@ -335,6 +342,18 @@ class BuildCache:
         f.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(f) as tmp:
             shutil.copyfile(src, tmp)
+
+
+def plan_copy_bits(plan, params: dict) -> float:
+    """Bits of the distinct weight copies the plan's steps run (16-bit counted as 16), averaged over
+    the plan's parameters: the quantity ``--memory-bits`` bounds."""
+    by_name = {p.name: p for p in plan.lattice}
+    tot = n = 0
+    for i, name in enumerate(plan.layers):
+        size = params[name].numel()
+        tot += size * sum(by_name[q].w_bits for q in {row[i] for row in plan.assignment})
+        n += size
+    return tot / max(n, 1)
 
 
 def plan_memory(plan, params: dict, requests: dict, prep) -> dict[str, Any]:

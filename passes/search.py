@@ -166,7 +166,8 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
     it never ends worse on its own error than that fixed policy. ``memory_bits``: a memory budget,
     the bits of every distinct weight copy the policy needs (a group that runs at two precisions
     holds both copies; 16-bit counts 16) averaged over the parameters; a child over it is dropped,
-    and the memory a child has committed joins the dominance test."""
+    the memory a child has committed joins the dominance test, and every entry may also repeat its
+    last step's assignment or run each group at its narrowest copy so far (no new memory)."""
     if beam < 1:
         raise InputError(f"search: beam width must be >= 1, got {beam}")
     check_budget(lattice, budget)
@@ -186,6 +187,20 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
     def axis(w: float, a: float, steps: int) -> float:
         return (w / max(total_w, 1e-30) + a / max(total_a, 1e-30)) * num_steps / max(steps, 1)
 
+    def future(used: tuple[int, ...]) -> tuple[float, float]:
+        """Lower bounds on one later step's (weight, activation) bits: without a memory budget every
+        group can drop to the narrowest points; with one, a group runs a precision it holds a copy
+        of, or one whose copy fits the memory left (each group judged alone: a relaxation)."""
+        if mem_cap is None:
+            return min_w, min_a
+        room = mem_cap - memory(used)
+        w = a = 0.0
+        for g, m in enumerate(used):
+            ok = [p for i, p in enumerate(lattice) if m >> i & 1 or costs.params[g] * p.w_bits <= room]
+            w += costs.params[g] * min(p.w_bits for p in ok)
+            a += costs.macs[g] * min(p.a_bits for p in ok)
+        return w, a
+
     beam_entries = [Entry((), initial_state, 0.0, 0.0, 0.0, (0,) * len(costs.params))]
     explored: list[tuple[int, float, float, bool]] = []
     evaluations = 0
@@ -197,11 +212,18 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
         children: list[Entry] = []
         for e in beam_entries:
             feasible = []
-            for c in (cands if not (static and e.policy) else [e.policy[0]]):
+            own = cands if not (static and e.policy) else [e.policy[0]]
+            if mem_cap is not None and e.policy and not static:
+                # assignments that need no new copy: the last step's, and every group's narrowest held
+                held = tuple(min((i for i in range(len(lattice)) if m >> i & 1), key=lambda i: lattice[i].w_bits)
+                             for m in e.used)
+                own = list(dict.fromkeys(list(own) + [e.policy[-1], held]))
+            for c in own:
                 dw, da = costs.step_bits(c, lattice)
                 used = tuple(m | (1 << i) for m, i in zip(e.used, c))
-                if (e.w_spent + dw + left * min_w <= total_w + tol and
-                        e.a_spent + da + left * min_a <= total_a + tol and
+                fw, fa = future(used) if left else (0.0, 0.0)
+                if (e.w_spent + dw + left * fw <= total_w + tol and
+                        e.a_spent + da + left * fa <= total_a + tol and
                         (mem_cap is None or memory(used) <= mem_cap)):
                     feasible.append((c, dw, da, used))
             if not feasible:
@@ -212,8 +234,9 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
                 children.append(Entry(e.policy + (c,), state, float(err), e.w_spent + dw, e.a_spent + da, used))
         if not children:
             raise InputError(f"search: no candidate at step {k} keeps the budget reachable"
-                             + (f" within the memory budget of {memory_bits:g} bits per parameter"
-                                if memory_bits is not None else ""))
+                             + (f" within the memory budget of {memory_bits:g} bits per parameter (the beam "
+                                f"committed to copies the rest of the budget cannot use: loosen --memory-bits or "
+                                f"the budget, or widen --beam)" if memory_bits is not None else ""))
         bits = [axis(c.w_spent, c.a_spent, k + 1) for c in children]
         errors = [c.error for c in children]
         pool = list(range(len(children)))

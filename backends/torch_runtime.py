@@ -103,7 +103,8 @@ class PlanLinear(nn.Module):
         self.low_rank = low_rank
         from . import kernels
 
-        unknown = {k for k, _ in self.variants.values()} - set(KINDS)
+        self.kinds = frozenset(k for k, _ in self.variants.values())
+        unknown = self.kinds - set(KINDS)
         if unknown:
             raise ValueError(f"PlanLinear: unknown kernel {sorted(unknown)[0]!r} (known: {', '.join(KINDS)})")
         fp8 = [p for k, p in self.variants.values() if k == "fp8"]
@@ -119,7 +120,7 @@ class PlanLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from . import kernels
 
-        kinds = {k for k, _ in self.variants.values()}
+        kinds = self.kinds
         if kinds == {"fp"}:
             return F.linear(x, self.weight, self.bias)
         lead, k = x.shape[:-1], x.shape[-1]

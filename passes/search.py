@@ -79,6 +79,7 @@ class Entry:
     w_spent: float  # sum over steps so far of params x w_bits
     a_spent: float
     used: tuple[int, ...] = ()  # per group: bit mask of the lattice points it has run at so far
+    mem: float = 0.0  # params x bits of those copies (computed only under a memory budget)
 
 
 @dataclasses.dataclass
@@ -112,12 +113,19 @@ def check_memory(lattice: Sequence[Precision], memory_bits: float | None) -> Non
                          f"narrowest weights are {lo}-bit ({', '.join(p.name for p in lattice)})")
 
 
+def _copy_bits(used: Sequence[int], lattice: Sequence[Precision], costs: Costs) -> float:
+    """params x bits of the weight copies held, ``used[g]`` a bit mask of the lattice points group
+    ``g`` runs at."""
+    return sum(costs.params[g] * sum(p.w_bits for i, p in enumerate(lattice) if m >> i & 1)
+               for g, m in enumerate(used))
+
+
 def memory_bits_of(policy: Sequence[Assignment], lattice: Sequence[Precision], costs: Costs) -> float:
     """Bits of the distinct weight copies ``policy`` needs, averaged over the parameters."""
-    tot = 0.0
-    for g in range(len(costs.params)):
-        tot += costs.params[g] * sum(lattice[i].w_bits for i in {asg[g] for asg in policy})
-    return tot / max(sum(costs.params), 1e-30)
+    used = [0] * len(costs.params)
+    for asg in policy:
+        used = [m | (1 << i) for m, i in zip(used, asg)]
+    return _copy_bits(used, lattice, costs) / max(sum(costs.params), 1e-30)
 
 
 def _pareto(points: list[tuple[float, ...]]) -> list[int]:
@@ -173,11 +181,6 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
     check_budget(lattice, budget)
     check_memory(lattice, memory_bits)
     mem_cap = None if memory_bits is None else memory_bits * sum(costs.params) * (1 + 1e-9)
-
-    def memory(used: tuple[int, ...]) -> float:
-        return sum(costs.params[g] * sum(p.w_bits for i, p in enumerate(lattice) if m >> i & 1)
-                   for g, m in enumerate(used))
-
     total_w = budget.w_bits * num_steps * sum(costs.params)
     total_a = budget.a_bits * num_steps * sum(costs.macs)
     min_w = min(p.w_bits for p in lattice) * sum(costs.params)
@@ -187,13 +190,14 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
     def axis(w: float, a: float, steps: int) -> float:
         return (w / max(total_w, 1e-30) + a / max(total_a, 1e-30)) * num_steps / max(steps, 1)
 
-    def future(used: tuple[int, ...]) -> tuple[float, float]:
+    def future(used: tuple[int, ...], mem: float) -> tuple[float, float]:
         """Lower bounds on one later step's (weight, activation) bits: without a memory budget every
-        group can drop to the narrowest points; with one, a group runs a precision it holds a copy
-        of, or one whose copy fits the memory left (each group judged alone: a relaxation)."""
+        group can drop to the narrowest points; with one (``mem`` committed so far), a group runs a
+        precision it holds a copy of, or one whose copy fits the memory left (each group judged
+        alone: a relaxation)."""
         if mem_cap is None:
             return min_w, min_a
-        room = mem_cap - memory(used)
+        room = mem_cap - mem
         w = a = 0.0
         for g, m in enumerate(used):
             ok = [p for i, p in enumerate(lattice) if m >> i & 1 or costs.params[g] * p.w_bits <= room]
@@ -221,17 +225,19 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
             for c in own:
                 dw, da = costs.step_bits(c, lattice)
                 used = tuple(m | (1 << i) for m, i in zip(e.used, c))
-                fw, fa = future(used) if left else (0.0, 0.0)
+                mem = _copy_bits(used, lattice, costs) if mem_cap is not None else 0.0
+                if mem_cap is not None and mem > mem_cap:
+                    continue
+                fw, fa = future(used, mem) if left else (0.0, 0.0)
                 if (e.w_spent + dw + left * fw <= total_w + tol and
-                        e.a_spent + da + left * fa <= total_a + tol and
-                        (mem_cap is None or memory(used) <= mem_cap)):
-                    feasible.append((c, dw, da, used))
+                        e.a_spent + da + left * fa <= total_a + tol):
+                    feasible.append((c, dw, da, used, mem))
             if not feasible:
                 continue
-            results = step_fn(e.state, k, [c for c, _, _, _ in feasible])
+            results = step_fn(e.state, k, [f[0] for f in feasible])
             evaluations += len(feasible)
-            for (c, dw, da, used), (state, err) in zip(feasible, results):
-                children.append(Entry(e.policy + (c,), state, float(err), e.w_spent + dw, e.a_spent + da, used))
+            for (c, dw, da, used, mem), (state, err) in zip(feasible, results):
+                children.append(Entry(e.policy + (c,), state, float(err), e.w_spent + dw, e.a_spent + da, used, mem))
         if not children:
             raise InputError(f"search: no candidate at step {k} keeps the budget reachable"
                              + (f" within the memory budget of {memory_bits:g} bits per parameter (the beam "
@@ -249,7 +255,7 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
         # dominance in (weight bits spent, activation bits spent, error): a child another beats on
         # all three can never end better (the rest of its path is open to the other too)
         front = [pool[i] for i in _pareto([(children[j].w_spent, children[j].a_spent, children[j].error)
-                                           + ((memory(children[j].used),) if mem_cap is not None else ())
+                                           + ((children[j].mem,) if mem_cap is not None else ())
                                            for j in pool])]
         keep = _trim(front, bits, errors, beam)
         if anchor is not None:

@@ -68,7 +68,7 @@ def test_budget_is_never_exceeded_and_the_front_is_pareto():
     assert _search(e, costs, Budget(3.0, 3.0), beam=3).policy == ((0, 0, 0),) * 6  # only all-W3A3 fits
 
 
-def test_infeasible_budget_and_bad_beam_fail_before_any_work():
+def test_infeasible_budgets_and_bad_beam_fail_before_any_work():
     e, costs = _toy(0)
     calls = []
 
@@ -80,6 +80,8 @@ def test_infeasible_budget_and_bad_beam_fail_before_any_work():
         beam_search(4, LATTICE, costs, Budget(2.0, 4.0), lambda k: [(0, 0)], step_fn, 0.0)
     with pytest.raises(InputError, match="beam width"):
         beam_search(4, LATTICE, costs, Budget(4.0, 4.0), lambda k: [(0, 0)], step_fn, 0.0, beam=0)
+    with pytest.raises(InputError, match="infeasible memory budget of 2.5 bits"):
+        beam_search(4, LATTICE, costs, Budget(4.0, 4.0), lambda k: [(0, 0)], step_fn, 0.0, memory_bits=2.5)
     assert calls == []
 
 
@@ -417,16 +419,3 @@ def test_memory_budget_is_exact_on_a_separable_problem_and_never_exceeded(seed, 
         assert all(len({asg[g] for asg in res.policy}) == 1 for g in range(G))
         assert 2 not in {i for asg in res.policy for i in asg}
         assert memory_bits_of(free.policy, LATTICE, costs) > 4.0  # the budget binds
-
-
-def test_infeasible_memory_budget_fails_before_any_work():
-    e, costs = _toy(0)
-    calls = []
-
-    def step_fn(state, k, asgs):
-        calls.append(k)
-        return [(state, 0.0) for _ in asgs]
-
-    with pytest.raises(InputError, match="infeasible memory budget of 2.5 bits"):
-        beam_search(4, LATTICE, costs, Budget(4.0, 4.0), lambda k: [(0, 0)], step_fn, 0.0, memory_bits=2.5)
-    assert calls == []

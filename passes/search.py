@@ -25,6 +25,7 @@ Costs: weight bits are weighted by parameters, activation bits by MACs, over gro
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -80,6 +81,8 @@ class Entry:
     a_spent: float
     used: tuple[int, ...] = ()  # per group: bit mask of the lattice points it has run at so far
     mem: float = 0.0  # params x bits of those copies (computed only under a memory budget)
+    rest: Assignment | None = None  # under a memory/segment budget: one assignment that, repeated, completes it
+    distinct: frozenset = frozenset()  # the distinct assignments of the policy (segments of the deployed plan)
 
 
 @dataclasses.dataclass
@@ -128,6 +131,96 @@ def memory_bits_of(policy: Sequence[Assignment], lattice: Sequence[Precision], c
     return _copy_bits(used, lattice, costs) / max(sum(costs.params), 1e-30)
 
 
+def _lambda_grid(n: int = 12) -> np.ndarray:
+    """Multipliers on the simplex over (weight, activation, memory): ``[L, 3]``."""
+    pts = [(i / n, j / n, (n - i - j) / n) for i in range(n + 1) for j in range(n + 1 - i)]
+    return np.asarray(pts, dtype=np.float64)
+
+
+_EXHAUSTIVE = 20000  # assignments up to which a completion is found by enumeration (exact)
+_PRODUCTS: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _all_assignments(G: int, P: int) -> np.ndarray:
+    if (G, P) not in _PRODUCTS:
+        _PRODUCTS[(G, P)] = np.indices((P,) * G).reshape(G, -1).T.copy()
+    return _PRODUCTS[(G, P)]
+
+
+def _repair(stack: np.ndarray, cur: np.ndarray, err: np.ndarray | None = None) -> np.ndarray | None:
+    """Greedy single-group changes of ``cur`` that lower the summed violation of ``stack[c].sum() <= 1``
+    (``stack`` is ``[C, G, P]``, each constraint normalised by its room; an infinite entry forbids a
+    choice) until none is left, preferring the smallest error increase; None if it gets stuck."""
+    G, P = stack.shape[1:]
+    cur = cur.copy()
+    gi = np.arange(G)
+    tot = stack[:, gi, cur].sum(axis=1)
+    for _ in range(2 * G * P):
+        viol = np.maximum(tot - 1, 0).sum()
+        if viol <= 1e-9:
+            return cur
+        new = tot[:, None, None] - stack[:, gi, cur][:, :, None] + stack  # [C, G, P]
+        v = np.maximum(new - 1, 0).sum(axis=0)  # [G, P]
+        better = v < viol - 1e-12
+        if not better.any():
+            return None
+        cut = viol - v
+        if err is None:
+            pick = np.where(better, cut, -np.inf)
+        else:
+            de = err - err[gi, cur][:, None]
+            free = better & (de <= 0)  # changes that do not raise the error come first
+            pick = (np.where(free, cut, -np.inf) if free.any()
+                    else np.where(better, cut / np.maximum(de, 1e-30), -np.inf))
+        g, p = np.unravel_index(int(np.argmax(pick)), (G, P))
+        cur[g] = p
+        tot = new[:, g, p]
+    return None
+
+
+def constant_completion(lattice: Sequence[Precision], costs: Costs, used: Sequence[int], w_room: float,
+                        a_room: float, m_room: float) -> Assignment | None:
+    """One assignment whose (weight, activation) bits fit ``w_room``/``a_room`` per step and whose new
+    weight copies (lattice points group ``g`` has not run at, ``used[g]`` a bit mask) fit ``m_room``
+    bits, or None if none is found. A policy that repeats it for every step left meets all three
+    budgets, and repeating it needs no new memory after the first step: a beam entry that has one
+    can always be finished.
+
+    A multiple-choice knapsack with three constraints: enumerated when there are at most
+    ``_EXHAUSTIVE`` assignments (exact), else Lagrangian relaxation (each group alone minimises a
+    weighted sum of its three normalised costs, for a grid of multipliers) and a greedy repair of
+    the least-violating choice (heuristic: None then does not prove that none exists). Of the
+    feasible ones the one with the most bits (best quality, as a rule) is returned."""
+    if w_room < 0 or a_room < 0 or m_room < 0:
+        return None
+    G, P = len(used), len(lattice)
+    params = np.asarray(costs.params, dtype=np.float64)[:, None]
+    macs = np.asarray(costs.macs, dtype=np.float64)[:, None]
+    wb = np.asarray([p.w_bits for p in lattice], dtype=np.float64)[None, :]
+    ab = np.asarray([p.a_bits for p in lattice], dtype=np.float64)[None, :]
+    held = np.asarray([[m >> i & 1 for i in range(P)] for m in used], dtype=bool)
+    tiny = 1e-30
+    w = params * wb / max(w_room, tiny)  # [G, P], each normalised by its room
+    a = macs * ab / max(a_room, tiny)
+    m = np.where(held, 0.0, params * wb) / max(m_room, tiny)
+    stack = np.stack([w, a, m])  # [3, G, P]
+    gi = np.arange(G)[None, :]
+    if P ** G <= _EXHAUSTIVE:
+        choice = _all_assignments(G, P)
+    else:
+        score = np.einsum("lc,cgp->lgp", _lambda_grid(), stack) + 1e-9 * (w + a)[None]
+        choice = score.argmin(axis=2)  # [L, G]
+    usage = np.stack([stack[c][gi, choice].sum(axis=1) for c in range(3)], axis=1)  # [L, 3]
+    ok = (usage <= 1 + 1e-9).all(axis=1)
+    if ok.any():
+        i = max(np.flatnonzero(ok), key=lambda j: (usage[j, 0] + usage[j, 1], -j))
+        return tuple(int(p) for p in choice[i])
+    if P ** G <= _EXHAUSTIVE:
+        return None
+    fixed = _repair(stack, choice[int(usage.max(axis=1).argmin())])
+    return None if fixed is None else tuple(int(p) for p in fixed)
+
+
 def _pareto(points: list[tuple[float, ...]]) -> list[int]:
     """Indices of the non-dominated points (lower is better in every coordinate; of equal points
     the first is kept)."""
@@ -141,6 +234,13 @@ def _pareto(points: list[tuple[float, ...]]) -> list[int]:
         if not dominated:
             out.append(i)
     return out
+
+
+def _partition(items: list[int], key: Callable[[int], Any]) -> list[list[int]]:
+    groups: dict[Any, list[int]] = {}
+    for i in items:
+        groups.setdefault(key(i), []).append(i)
+    return list(groups.values())
 
 
 def _trim(front: list[int], bits: list[float], errors: list[float], k: int) -> list[int]:
@@ -160,7 +260,7 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
                 initial_state: Any, beam: int = 4,
                 progress: Callable[[int, int], None] | None = None, static: bool = False,
                 pace: float | None = None, anchor: Assignment | None = None,
-                memory_bits: float | None = None) -> SearchResult:
+                memory_bits: float | None = None, max_segments: int | None = None) -> SearchResult:
     """Beam search (see the module docstring). ``step_fn(state, k, assignments)`` returns, for each
     assignment, the child state and its error after step ``k`` (batched so a model can evaluate
     several children at once); ``candidates(k)`` lists the assignments tried at step ``k``.
@@ -175,12 +275,22 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
     the bits of every distinct weight copy the policy needs (a group that runs at two precisions
     holds both copies; 16-bit counts 16) averaged over the parameters; a child over it is dropped,
     the memory a child has committed joins the dominance test, and every entry may also repeat its
-    last step's assignment or run each group at its narrowest copy so far (no new memory)."""
+    last step's assignment or run each group at its narrowest copy so far (no new memory), and every
+    child gets a *completion* (:func:`constant_completion`): one assignment that, repeated, finishes
+    the policy within both budgets and the memory. It is a candidate of that child's next step, and
+    the beam always keeps the best child that has one, so the search cannot run into a dead end
+    (a beam committed to copies the rest of the budget cannot use). ``max_segments``: at most this
+    many distinct step assignments (each is one deployed graph or engine, :mod:`..backends.onnx_qdq`);
+    a child over it is dropped, the count joins the dominance test, and completions are found the
+    same way (once the count is reached, among the policy's own assignments)."""
     if beam < 1:
         raise InputError(f"search: beam width must be >= 1, got {beam}")
     check_budget(lattice, budget)
     check_memory(lattice, memory_bits)
     mem_cap = None if memory_bits is None else memory_bits * sum(costs.params) * (1 + 1e-9)
+    if max_segments is not None and max_segments < 1:
+        raise InputError(f"search: max_segments must be >= 1, got {max_segments}")
+    guard = mem_cap is not None or max_segments is not None  # completions keep the search out of dead ends
     total_w = budget.w_bits * num_steps * sum(costs.params)
     total_a = budget.a_bits * num_steps * sum(costs.macs)
     min_w = min(p.w_bits for p in lattice) * sum(costs.params)
@@ -205,7 +315,20 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
             a += costs.macs[g] * min(p.a_bits for p in ok)
         return w, a
 
+    def completion(used: tuple[int, ...], mem: float, distinct: frozenset, w_spent: float, a_spent: float,
+                   left: int) -> Assignment | None:
+        w_room, a_room = (total_w + tol - w_spent) / left, (total_a + tol - a_spent) / left
+        if max_segments is None or len(distinct) < max_segments:
+            return constant_completion(lattice, costs, used, w_room, a_room,
+                                       math.inf if mem_cap is None else mem_cap - mem)
+        # no new segment: one of the policy's own assignments (their copies are held)
+        fits = [c for c in distinct if costs.step_bits(c, lattice)[0] <= w_room
+                and costs.step_bits(c, lattice)[1] <= a_room]
+        return max(fits, key=lambda c: (sum(costs.step_bits(c, lattice)), c)) if fits else None
+
     beam_entries = [Entry((), initial_state, 0.0, 0.0, 0.0, (0,) * len(costs.params))]
+    if guard and not static:
+        beam_entries[0].rest = completion(beam_entries[0].used, 0.0, frozenset(), 0.0, 0.0, num_steps)
     explored: list[tuple[int, float, float, bool]] = []
     evaluations = 0
     for k in range(num_steps):
@@ -217,32 +340,48 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
         for e in beam_entries:
             feasible = []
             own = cands if not (static and e.policy) else [e.policy[0]]
-            if mem_cap is not None and e.policy and not static:
-                # assignments that need no new copy: the last step's, and every group's narrowest held
-                held = tuple(min((i for i in range(len(lattice)) if m >> i & 1), key=lambda i: lattice[i].w_bits)
-                             for m in e.used)
-                own = list(dict.fromkeys(list(own) + [e.policy[-1], held]))
+            if guard and not static:
+                # the entry's completion, and assignments that need no new copy: the last step's, and
+                # every group's narrowest held
+                if e.policy:
+                    held = tuple(min((i for i in range(len(lattice)) if m >> i & 1),
+                                     key=lambda i: lattice[i].w_bits) for m in e.used)
+                    own = list(own) + [e.policy[-1], held]
+                own = list(dict.fromkeys(list(own) + ([e.rest] if e.rest is not None else [])))
             for c in own:
                 dw, da = costs.step_bits(c, lattice)
                 used = tuple(m | (1 << i) for m, i in zip(e.used, c))
                 mem = _copy_bits(used, lattice, costs) if mem_cap is not None else 0.0
                 if mem_cap is not None and mem > mem_cap:
                     continue
+                distinct = e.distinct | {c}
+                if max_segments is not None and len(distinct) > max_segments:
+                    continue
                 fw, fa = future(used, mem) if left else (0.0, 0.0)
                 if (e.w_spent + dw + left * fw <= total_w + tol and
                         e.a_spent + da + left * fa <= total_a + tol):
-                    feasible.append((c, dw, da, used, mem))
+                    feasible.append((c, dw, da, used, mem, distinct))
             if not feasible:
                 continue
             results = step_fn(e.state, k, [f[0] for f in feasible])
             evaluations += len(feasible)
-            for (c, dw, da, used, mem), (state, err) in zip(feasible, results):
-                children.append(Entry(e.policy + (c,), state, float(err), e.w_spent + dw, e.a_spent + da, used, mem))
+            for (c, dw, da, used, mem, distinct), (state, err) in zip(feasible, results):
+                rest = None
+                if guard and left:
+                    w1, a1 = e.w_spent + dw, e.a_spent + da
+                    if static:  # its own assignment is the only way on
+                        fits = w1 + left * dw <= total_w + tol and a1 + left * da <= total_a + tol
+                        rest = c if fits else None
+                    else:
+                        rest = completion(used, mem, distinct, w1, a1, left)
+                children.append(Entry(e.policy + (c,), state, float(err), e.w_spent + dw, e.a_spent + da, used,
+                                      mem, rest, distinct))
         if not children:
             raise InputError(f"search: no candidate at step {k} keeps the budget reachable"
                              + (f" within the memory budget of {memory_bits:g} bits per parameter (the beam "
                                 f"committed to copies the rest of the budget cannot use: loosen --memory-bits or "
-                                f"the budget, or widen --beam)" if memory_bits is not None else ""))
+                                f"the budget, or widen --beam)" if memory_bits is not None else "")
+                             + (f" in at most {max_segments} segment(s)" if max_segments is not None else ""))
         bits = [axis(c.w_spent, c.a_spent, k + 1) for c in children]
         errors = [c.error for c in children]
         pool = list(range(len(children)))
@@ -254,10 +393,20 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
             pool = paced or [i for i in pool if bits[i] <= lowest + 1e-12]
         # dominance in (weight bits spent, activation bits spent, error): a child another beats on
         # all three can never end better (the rest of its path is open to the other too)
-        front = [pool[i] for i in _pareto([(children[j].w_spent, children[j].a_spent, children[j].error)
-                                           + ((children[j].mem,) if mem_cap is not None else ())
-                                           for j in pool])]
+        # (under a segment budget only among children with the same assignments so far: the others
+        # may repeat theirs for free)
+        front = []
+        for part in _partition(pool, lambda j: children[j].distinct if max_segments is not None else None):
+            front += [part[i] for i in _pareto([(children[j].w_spent, children[j].a_spent, children[j].error)
+                                                + ((children[j].mem,) if mem_cap is not None else ())
+                                                for j in part])]
+        front.sort()
         keep = _trim(front, bits, errors, beam)
+        if guard and left and not any(children[i].rest is not None for i in keep):
+            # the best child that can still be finished, so the next step has a feasible candidate
+            ok = [i for i in pool if children[i].rest is not None] or [
+                i for i in range(len(children)) if children[i].rest is not None]
+            keep += sorted(ok, key=lambda i: errors[i])[:1]
         if anchor is not None:
             path = (tuple(anchor),) * (k + 1)
             keep += [i for i in pool if children[i].policy == path and i not in keep][:1]
@@ -272,14 +421,55 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
     return SearchResult(best.policy, best.error, costs.averages(best.policy, lattice), explored, front, evaluations)
 
 
+def _lagrangian_allocation(errors: np.ndarray, lattice: Sequence[Precision], costs: Costs, cap_w: float,
+                           cap_a: float) -> Assignment | None:
+    """The lowest-error assignment among all (up to ``_EXHAUSTIVE`` of them) or else the Lagrangian
+    ones (each group minimises its error plus priced weight and activation bits, over a grid of
+    prices) whose parameter-weighted weight bits
+    and MAC-weighted activation bits average at most ``cap_w``/``cap_a``; if none fits, the least
+    violating one greedily repaired. None if that fails too. An infinite error forbids a choice."""
+    G, P = errors.shape
+    pw = np.asarray(costs.params, dtype=np.float64)[:, None] / max(sum(costs.params), 1e-30)
+    pa = np.asarray(costs.macs, dtype=np.float64)[:, None] / max(sum(costs.macs), 1e-30)
+    w = pw * np.asarray([p.w_bits for p in lattice], dtype=np.float64)[None, :]  # [G, P]: share of the average
+    a = pa * np.asarray([p.a_bits for p in lattice], dtype=np.float64)[None, :]
+    err = np.asarray(errors, dtype=np.float64)
+    finite = err[np.isfinite(err)]
+    scale = max(float(np.abs(finite).max()) if finite.size else 1.0, 1e-30)
+    prices = np.concatenate([[0.0], scale * np.logspace(-3, 3, 25)])
+    mu_w, mu_a = (x.reshape(-1, 1, 1) for x in np.meshgrid(prices, prices, indexing="ij"))
+    if P ** G <= _EXHAUSTIVE:  # small: every assignment (exact)
+        choice = _all_assignments(G, P)
+    else:
+        choice = (err[None] + mu_w * w[None] + mu_a * a[None]).argmin(axis=2)  # [L, G]
+    gi = np.arange(G)[None, :]
+    ws, as_, es = w[gi, choice].sum(1), a[gi, choice].sum(1), err[gi, choice].sum(1)
+    ok = np.flatnonzero((ws <= cap_w + 1e-9) & (as_ <= cap_a + 1e-9) & np.isfinite(es))
+    if len(ok):
+        i = min(ok, key=lambda j: (es[j], ws[j] + as_[j], j))
+        return tuple(int(p) for p in choice[i])
+    forbid = np.where(np.isfinite(err), 0.0, np.inf)
+    stack = np.stack([w / max(cap_w, 1e-30) + forbid, a / max(cap_a, 1e-30) + forbid])
+    viol = np.maximum(ws / max(cap_w, 1e-30) - 1, 0) + np.maximum(as_ / max(cap_a, 1e-30) - 1, 0)
+    viol = np.where(np.isfinite(es), viol, np.inf)
+    if not np.isfinite(viol).any():
+        return None
+    fixed = _repair(stack, choice[int(viol.argmin())], np.where(np.isfinite(err), err, 0.0))
+    return None if fixed is None else tuple(int(p) for p in fixed)
+
+
 def allocation_candidates(errors: np.ndarray, lattice: Sequence[Precision], costs: Costs, budget: Budget,
-                          levels: Sequence[float] = (0.75, 0.875, 1.0, 1.125, 1.25, 1.5)) -> list[Assignment]:
+                          levels: Sequence[float] = (0.75, 0.875, 1.0, 1.125, 1.25, 1.5),
+                          allowed: np.ndarray | None = None) -> list[Assignment]:
     """Candidate assignments for one step from per-(group, precision) errors ``errors[G, P]``
     (e.g. the one-step sensitivity): for each level ``l``, a greedy allocation minimising the summed
     error with both averages within ``l`` x the budget (start from the cheapest precision
     everywhere, repeatedly apply the upgrade with the best error reduction per relative bit), plus
-    every uniform assignment within the largest level."""
+    every uniform assignment within the largest level. ``allowed[G, P]``: the only precisions each
+    group may take (e.g. the weight copies :func:`select_copies` keeps under a memory budget)."""
     G, P = errors.shape
+    if allowed is not None:
+        errors = np.where(allowed, errors, np.inf)
     wsum, asum = sum(costs.params), sum(costs.macs)
     cheapest = min(range(P), key=lambda p: (lattice[p].w_bits + lattice[p].a_bits, errors[:, p].sum()))
     out: list[Assignment] = []
@@ -292,8 +482,15 @@ def allocation_candidates(errors: np.ndarray, lattice: Sequence[Precision], cost
         asg = [cheapest] * G
         w = sum(rel(g, cheapest)[0] for g in range(G))
         a = sum(rel(g, cheapest)[1] for g in range(G))
-        if w > cap_w + 1e-9 or a > cap_a + 1e-9:
-            continue
+        if w > cap_w + 1e-9 or a > cap_a + 1e-9 or not np.isfinite(errors[:, cheapest]).all():
+            # a lattice that trades weight bits for activation bits (W4A16 vs W8A8) has no point
+            # cheapest on both axes: start from a mix that fits instead
+            start = _lagrangian_allocation(errors, lattice, costs, cap_w, cap_a)
+            if start is None:
+                continue
+            asg = list(start)
+            w = sum(rel(g, p)[0] for g, p in enumerate(asg))
+            a = sum(rel(g, p)[1] for g, p in enumerate(asg))
         while True:
             best = None
             for g in range(G):
@@ -316,9 +513,70 @@ def allocation_candidates(errors: np.ndarray, lattice: Sequence[Precision], cost
         out.append(tuple(asg))
     top = max(levels)
     for p in range(P):
-        if lattice[p].w_bits <= top * budget.w_bits + 1e-9 and lattice[p].a_bits <= top * budget.a_bits + 1e-9:
+        if (lattice[p].w_bits <= top * budget.w_bits + 1e-9 and lattice[p].a_bits <= top * budget.a_bits + 1e-9
+                and np.isfinite(errors[:, p]).all()):
             out.append((p,) * G)
     return list(dict.fromkeys(out))
+
+
+def select_copies(errors: np.ndarray, lattice: Sequence[Precision], costs: Costs, budget: Budget,
+                  memory_bits: float) -> np.ndarray:
+    """The weight copies a plan may hold under a memory budget, ``allowed[G, P]``, chosen before the
+    beam search (which then draws its candidates from them; :func:`allocation_candidates`).
+
+    From the one-step sensitivity ``errors[S, G, P]``: start with the copies the per-step
+    allocations at the budget use (what a memory-blind plan would hold), then, while their bits per
+    parameter exceed ``memory_bits``, drop the copy whose loss costs the least summed error per bit
+    freed (the steps that used it fall back to the group's best remaining copy), never one without
+    which no single assignment meets the bit budget (if that gets stuck: the one assignment found to
+    fit all three budgets). Raises InputError if no assignment fits both the bits and the memory."""
+    S, G, P = errors.shape
+    params = np.asarray(costs.params, dtype=np.float64)
+    cap = memory_bits * params.sum() * (1 + 1e-9)
+    wb = np.asarray([p.w_bits for p in lattice], dtype=np.float64)
+    allowed = np.zeros((G, P), dtype=bool)
+    root = constant_completion(lattice, costs, (0,) * G, budget.w_bits * params.sum() * (1 + 1e-9),
+                               budget.a_bits * sum(costs.macs) * (1 + 1e-9), cap)
+    if root is None:
+        raise InputError(f"infeasible memory budget of {memory_bits:g} bits per parameter for the budget "
+                         f"W{budget.w_bits:g}A{budget.a_bits:g}: no assignment meets both")
+    choice = np.zeros((S, G), dtype=int)
+    for k in range(S):
+        cands = allocation_candidates(errors[k], lattice, costs, budget, (1.0,))
+        choice[k] = cands[0] if cands else root
+        allowed[np.arange(G), choice[k]] = True
+
+    def feasible(mask: np.ndarray) -> bool:
+        used = tuple(int(sum(1 << p for p in range(P) if mask[g, p])) for g in range(G))
+        return constant_completion(lattice, costs, used, budget.w_bits * params.sum() * (1 + 1e-9),
+                                   budget.a_bits * sum(costs.macs) * (1 + 1e-9), 0.0) is not None
+
+    if not feasible(allowed):  # the per-step allocations may each meet the budget with no common point
+        allowed[np.arange(G), list(root)] = True
+    while (allowed * params[:, None] * wb[None, :]).sum() > cap:
+        best = None
+        for g in range(G):
+            for p in np.flatnonzero(allowed[g]):
+                if allowed[g].sum() == 1:
+                    continue
+                trial = allowed.copy()
+                trial[g, p] = False
+                if not feasible(trial):
+                    continue
+                rest = np.flatnonzero(trial[g])
+                fallback = rest[errors[:, g, rest].argmin(axis=1)]  # [S]: the best remaining copy per step
+                loss = sum(errors[k, g, fallback[k]] - errors[k, g, p] for k in range(S) if choice[k, g] == p)
+                score = max(loss, 0.0) / (params[g] * wb[p])
+                if best is None or score < best[0]:
+                    best = (score, g, p, fallback)
+        if best is None:  # stuck: one copy per group, the assignment found to fit everything
+            allowed = np.zeros((G, P), dtype=bool)
+            allowed[np.arange(G), list(root)] = True
+            break
+        _, g, p, fallback = best
+        allowed[g, p] = False
+        choice[:, g] = np.where(choice[:, g] == p, fallback, choice[:, g])
+    return allowed
 
 
 # =========================================================================== targets
@@ -470,6 +728,8 @@ class SearchOptions:
     score: str = "heldout"
     # a memory budget: bits of all distinct weight copies per parameter (None: unconstrained)
     memory_bits: float | None = None
+    # at most this many distinct step assignments, i.e. deployed segments (None: unconstrained)
+    max_segments: int | None = None
 
     def validate(self) -> None:
         if self.policy not in POLICIES:
@@ -487,6 +747,8 @@ class SearchOptions:
         if self.pace is not None and self.pace < 0:
             raise InputError(f"search: pace slack must be >= 0, got {self.pace}")
         check_memory(target_lattice(self.target), self.memory_bits)
+        if self.max_segments is not None and self.max_segments < 1:
+            raise InputError(f"search: max_segments must be >= 1, got {self.max_segments}")
 
 
 #: the samples the search scores on (SearchOptions.score)
@@ -522,9 +784,10 @@ POLICIES = ("dynamic", "per-step", "per-layer", "uniform")
 
 
 def policy_candidates(policy: str, errors: np.ndarray, lattice: Sequence[Precision], costs: Costs, budget: Budget,
-                      levels: Sequence[float]) -> Callable[[int], list[Assignment]]:
+                      levels: Sequence[float], allowed: np.ndarray | None = None) -> Callable[[int], list[Assignment]]:
     """``candidates(k)`` for the beam search under ``policy`` from the one-step sensitivity
-    ``errors[S, G, P]`` (static policies draw theirs from the errors summed over steps)."""
+    ``errors[S, G, P]`` (static policies draw theirs from the errors summed over steps); the dynamic
+    policy's are drawn from the ``allowed[G, P]`` copies when given."""
     G = errors.shape[1]
     top = max(levels)
     uniform = [(p,) * G for p in range(len(lattice))
@@ -534,7 +797,7 @@ def policy_candidates(policy: str, errors: np.ndarray, lattice: Sequence[Precisi
     if policy == "per-layer":
         static = allocation_candidates(errors.sum(0), lattice, costs, budget, levels)
         return lambda k: static
-    return lambda k: allocation_candidates(errors[k], lattice, costs, budget, levels)
+    return lambda k: allocation_candidates(errors[k], lattice, costs, budget, levels, allowed)
 
 
 def uniform_anchor(lattice: Sequence[Precision], budget: Budget, num_groups: int) -> Assignment | None:
@@ -685,13 +948,16 @@ def search_plan(graph: Any, calib: Any, fp_latents: Any, budget: Budget, options
         with transformed_layers(transformer, switch.transforms()):
             errors = measured_sensitivity(sens_fn, fp_latents[:, samples[:options.sensitivity_samples]],
                                           len(groups), lattice, sensitivity_progress)
+    # under a memory budget the dynamic search chooses among the copies that fit it
+    allowed = (select_copies(errors, lattice, costs, budget, options.memory_bits)
+               if options.memory_bits is not None and options.policy == "dynamic" else None)
     with transformed_layers(transformer, switch.transforms()):
         res = beam_search(calib.num_steps, lattice, costs, budget,
-                          policy_candidates(options.policy, errors, lattice, costs, budget, options.levels),
+                          policy_candidates(options.policy, errors, lattice, costs, budget, options.levels, allowed),
                           step_fn, fp_latents[0, samples].clone(), beam=options.beam, progress=progress,
                           static=options.policy in ("per-layer", "uniform"), pace=options.pace,
                           anchor=uniform_anchor(lattice, budget, len(groups)) if options.anchor else None,
-                          memory_bits=options.memory_bits)
+                          memory_bits=options.memory_bits, max_segments=options.max_segments)
     names = list(groups)
     group_of = {p: n for n, ls in groups.items() for p in ls}
     layers = tuple(table.names)

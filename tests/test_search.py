@@ -419,3 +419,139 @@ def test_memory_budget_is_exact_on_a_separable_problem_and_never_exceeded(seed, 
         assert all(len({asg[g] for asg in res.policy}) == 1 for g in range(G))
         assert 2 not in {i for asg in res.policy for i in asg}
         assert memory_bits_of(free.policy, LATTICE, costs) > 4.0  # the budget binds
+
+
+ORT_LATTICE = (Precision("W4A16", 4, 16), Precision("W8A8", 8, 8), Precision("FP16", 16, 16))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_memory_budget_search_never_dead_ends(seed):
+    """Under a memory budget with a lattice that trades weight bits against activation bits (the
+    onnxruntime target's), a narrow beam fed few, memory-blind candidates used to commit to copies
+    the rest of the budget could not use ("no candidate at step k"). Every child now carries a
+    completion that is offered at the next step and the beam keeps one child that has one: a
+    feasible problem always ends with a policy within all three budgets (and a segment budget)."""
+    from adatsq.passes.search import constant_completion, memory_bits_of
+
+    rng = np.random.default_rng(seed)
+    S, G = 8, 6
+    costs = Costs(params=tuple(rng.uniform(1, 4, G)), macs=tuple(rng.uniform(1, 4, G)))
+    budget = Budget(float(rng.uniform(5, 7)), float(rng.uniform(10, 13)))
+    memory = float(rng.uniform(5.5, 8))
+    e = rng.uniform(0, 1, size=(S, G, 3)) * np.array([1.0, 0.5, 0.0])  # wider is better
+    all_asg = list(itertools.product(range(3), repeat=G))
+    # memory-blind candidates: a few random assignments per step (with the budget's best uniform one)
+    cand = {k: [all_asg[i] for i in rng.choice(len(all_asg), 6, replace=False)] for k in range(S)}
+
+    def step_fn(state, k, asgs):
+        return [(state + sum(e[k, g, a[g]] for g in range(G)),) * 2 for a in asgs]
+
+    wr, ar = budget.w_bits * sum(costs.params), budget.a_bits * sum(costs.macs)
+    root = constant_completion(ORT_LATTICE, costs, (0,) * G, wr, ar, memory * sum(costs.params))
+    if root is None:
+        pytest.skip("no constant policy fits these budgets")
+    for beam, segments in ((1, None), (2, None), (2, 2), (3, 1)):
+        res = beam_search(S, ORT_LATTICE, costs, budget, lambda k: cand[k], step_fn, 0.0, beam=beam,
+                          memory_bits=memory, pace=0.1, max_segments=segments)
+        assert len(res.policy) == S and len(set(res.policy)) <= (segments or S)
+        assert res.achieved.w_bits <= budget.w_bits + 1e-9 and res.achieved.a_bits <= budget.a_bits + 1e-9
+        assert memory_bits_of(res.policy, ORT_LATTICE, costs) <= memory + 1e-9
+
+
+def test_constant_completion_meets_all_three_rooms_or_says_none():
+    from adatsq.passes.search import constant_completion
+
+    costs = Costs(params=(1.0, 1.0), macs=(1.0, 1.0))
+    # held: group 0 has W8A8; 8 bits of memory left; W avg <= 6 and A avg <= 12 per step
+    c = constant_completion(ORT_LATTICE, costs, (0b010, 0), 12.0, 24.0, 8.0)
+    w, a = costs.step_bits(c, ORT_LATTICE)
+    assert w <= 12.0 and a <= 24.0 and c[1] != 2  # FP16 for group 1 needs 16 bits of memory
+    assert constant_completion(ORT_LATTICE, costs, (0, 0), 7.9, 100.0, 100.0) is None  # W4 x 2 = 8 > 7.9
+    assert constant_completion(ORT_LATTICE, costs, (0b010, 0b010), 8.0, 100.0, 0.0) is None  # no room for W4
+
+
+def test_allocation_candidates_mix_a_lattice_without_a_point_cheapest_on_both_axes():
+    """W4A16 and W8A8 (onnxruntime's, TensorRT's lattice) trade weight bits for activation bits: a
+    W5A14 budget is met by neither alone, only by a mix. The generator used to start from the
+    point with the fewest bits in total (W8A8) and, finding it over budget, offered only uniform
+    W4A16; it now starts each level from a Lagrangian mix that fits."""
+    rng = np.random.default_rng(0)
+    G = 9
+    costs = Costs(params=tuple(rng.uniform(1, 4, G)), macs=tuple(rng.uniform(1, 4, G)))
+    errors = rng.uniform(0.5, 1.0, size=(G, 3)) * np.array([1.0, 0.3, 0.0])
+    budget = Budget(5.0, 14.0)
+    cands = allocation_candidates(errors, ORT_LATTICE, costs, budget)
+    mixed = [c for c in cands if len(set(c)) > 1]
+    assert mixed, cands
+    for c in mixed:
+        w, a = costs.step_bits(c, ORT_LATTICE)
+        assert w / sum(costs.params) <= 1.5 * budget.w_bits + 1e-9 and a / sum(costs.macs) <= 1.5 * budget.a_bits + 1e-9
+    at_budget = [c for c in mixed if costs.averages([c], ORT_LATTICE).w_bits <= 5 + 1e-9
+                 and costs.averages([c], ORT_LATTICE).a_bits <= 14 + 1e-9]
+    assert at_budget  # the level-1 allocation meets the budget itself
+    err = lambda c: sum(errors[g, p] for g, p in enumerate(c))  # noqa: E731
+    assert min(map(err, at_budget)) < err((0,) * G)  # and beats uniform W4A16
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_select_copies_fits_the_memory_and_keeps_the_budget_reachable(seed):
+    """The copies kept under a memory budget take at most that many bits per parameter, every group
+    keeps one, some single assignment over them meets the bit budget, and the beam search drawing
+    its candidates from them ends within all three budgets."""
+    from adatsq.passes.search import constant_completion, memory_bits_of, select_copies
+
+    rng = np.random.default_rng(seed)
+    S, G = 10, 7
+    costs = Costs(params=tuple(rng.uniform(1, 4, G)), macs=tuple(rng.uniform(1, 4, G)))
+    budget = Budget(5.0, 14.0)
+    errors = rng.uniform(0.2, 1.0, size=(S, G, 3)) * np.array([1.0, 0.4, 0.0])
+    memory = 6.0
+    allowed = select_copies(errors, ORT_LATTICE, costs, budget, memory)
+    wb = np.array([4, 8, 16])
+    assert (allowed * np.array(costs.params)[:, None] * wb).sum() <= memory * sum(costs.params) * (1 + 1e-9)
+    assert allowed.any(axis=1).all()
+    used = tuple(int(sum(1 << p for p in range(3) if allowed[g, p])) for g in range(G))
+    assert constant_completion(ORT_LATTICE, costs, used, 5.0 * sum(costs.params), 14.0 * sum(costs.macs), 0.0)
+    assert allowed.sum() > G  # with 6 bits for W5 weights there is room for a second copy somewhere
+    cands = {k: allocation_candidates(errors[k], ORT_LATTICE, costs, budget, allowed=allowed) for k in range(S)}
+    assert all(allowed[g, p] for k in range(S) for c in cands[k] for g, p in enumerate(c))
+
+    def step_fn(state, k, asgs):
+        return [(state + sum(errors[k, g, a[g]] for g in range(G)),) * 2 for a in asgs]
+
+    res = beam_search(S, ORT_LATTICE, costs, budget, lambda k: cands[k], step_fn, 0.0, beam=4, memory_bits=memory,
+                      pace=0.1)
+    assert res.achieved.w_bits <= 5.0 + 1e-9 and res.achieved.a_bits <= 14.0 + 1e-9
+    assert memory_bits_of(res.policy, ORT_LATTICE, costs) <= memory + 1e-9
+    with pytest.raises(InputError, match="infeasible memory budget of 4.5 bits"):
+        select_copies(errors, ORT_LATTICE, costs, budget, 4.5)  # W5A14 needs W8 copies for a quarter of MACs
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("segments", [1, 2])
+def test_segment_budget_is_exact_on_a_separable_problem(seed, segments):
+    """``max_segments``: at most that many distinct step assignments (one deployed graph or engine
+    each); with an untrimmed beam the search finds the brute-force optimum under it, and a narrow
+    beam stays within it."""
+    e, costs = _toy(seed, S=3, G=2)
+    budget = Budget(5.0, 5.0)
+    S, G, P = e.shape
+    best = (np.inf, None)
+    for flat in itertools.product(range(P), repeat=S * G):
+        pol = tuple(tuple(flat[t * G:(t + 1) * G]) for t in range(S))
+        avg = costs.averages(pol, LATTICE)
+        if avg.w_bits <= budget.w_bits + 1e-9 and avg.a_bits <= budget.a_bits + 1e-9 and len(set(pol)) <= segments:
+            best = min(best, (sum(e[t, g, pol[t][g]] for t in range(S) for g in range(G)), pol))
+    all_asg = list(itertools.product(range(P), repeat=G))
+
+    def step_fn(state, k, asgs):
+        return [(state + sum(e[k, g, a[g]] for g in range(G)),) * 2 for a in asgs]
+
+    res = beam_search(S, LATTICE, costs, budget, lambda k: all_asg, step_fn, 0.0, beam=10 ** 6, max_segments=segments)
+    assert res.error == pytest.approx(best[0], rel=1e-12) and len(set(res.policy)) <= segments
+    narrow = beam_search(S, LATTICE, costs, budget, lambda k: all_asg, step_fn, 0.0, beam=1, max_segments=segments)
+    assert len(set(narrow.policy)) <= segments
+    free = beam_search(S, LATTICE, costs, budget, lambda k: all_asg, step_fn, 0.0, beam=10 ** 6)
+    assert free.error <= res.error + 1e-12
+    if segments == 1:  # one assignment for all steps
+        assert len(set(free.policy)) > 1  # (the unconstrained optimum varies over time here)

@@ -791,6 +791,11 @@ def prepare(cfg: BenchConfig, log=_log) -> tuple[list[Variant], dict[str, Any]]:
             segs = {s["name"]: str(d / "onnx" / s["file"]) for s in man["segments"]}
             plan = json.loads((d / "plan.json").read_text())
             ach = plan.get("achieved") or {}
+            if (d / "report.json").is_file():  # an existing build: its own options, not the name's default
+                o = json.loads((d / "report.json").read_text()).get("options", {})
+                budget = " ".join([str(o.get("budget", budget))]
+                                  + [f"--{k.replace('_', '-')} {o[k]}" for k in ("memory_bits", "max_segments", "rank")
+                                     if o.get(k) is not None and not (k == "rank" and o[k] == 32)])
             how = (f"adatsq build --budget {budget}: {len(segs)} segment(s), achieved "
                    f"W{ach.get('w_bits', float('nan')):.2f}A{ach.get('a_bits', float('nan')):.2f}")
             variants.append(Variant(name, "build", how, sorted(segs.values()), level="extended", runner=True,

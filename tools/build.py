@@ -38,6 +38,7 @@ class BuildOptions:
     anchor: bool = True  # keep the uniform policy at the budget in the beam
     search_score: str = "heldout"  # the samples the search scores on: heldout seeds or calibration samples
     memory_bits: float | None = None  # memory budget: bits of all distinct weight copies per parameter
+    max_segments: int | None = None  # at most this many distinct step assignments (deployed segments)
     cache_dir: str | None = None
 
     def resolved(self) -> "BuildOptions":
@@ -56,7 +57,7 @@ class BuildOptions:
         check_budget(target_lattice(self.target), parse_budget(self.resolved().budget))
         SearchOptions(self.target, self.beam, self.search_samples, policy=self.policy, pace=self.pace,
                       sensitivity=self.search_sensitivity, anchor=self.anchor, score=self.search_score,
-                      memory_bits=self.memory_bits).validate()
+                      memory_bits=self.memory_bits, max_segments=self.max_segments).validate()
         if self.weights not in WEIGHTS:
             raise InputError(f"build: unknown weights {self.weights!r} ({', '.join(WEIGHTS)})")
         if self.base not in BASES:
@@ -156,7 +157,8 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
                                                        sensitivity=opts.search_sensitivity,
                                                        sensitivity_samples=opts.sensitivity_samples,
                                                        anchor=opts.anchor, score=opts.search_score,
-                                                       memory_bits=opts.memory_bits),
+                                                       memory_bits=opts.memory_bits,
+                                                       max_segments=opts.max_segments),
                                          make, progress=lambda done, total: prog("search", done, total),
                                          sensitivity_progress=lambda d, t: prog("search: sensitivity", d, t))
         stage_cache.save_search(plan, sres, groups)
@@ -196,7 +198,9 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
                   # what the search constrains: the average bits (always), the copies' bits per
                   # parameter (with --memory-bits); the memory view below is what the plan needs
                   constraints=dict(average_bits=dataclasses.asdict(budget), memory_bits=opts.memory_bits,
-                                   plan_memory_bits=round(plan_copy_bits(plan, params), 4)),
+                                   plan_memory_bits=round(plan_copy_bits(plan, params), 4),
+                                   max_segments=opts.max_segments,
+                                   plan_segments=len(set(plan.assignment))),
                   memory=plan_memory(plan, params, requests, prep),
                   weights_bytes=(out / "weights.safetensors").stat().st_size,
                   seconds={k: round(v, 2) for k, v in timings.items()},
@@ -226,7 +230,7 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
 
 
 #: bump when what a cached build stage holds changes
-BUILD_CACHE_VERSION = 2
+BUILD_CACHE_VERSION = 3  # 3: memory-aware search (copy selection, completions), segment budget
 
 
 class BuildCache:

@@ -370,7 +370,8 @@ def cmd_build(args) -> int:
                         search_sensitivity=args.search_sensitivity,
                         sensitivity_samples=args.sensitivity_samples, anchor=not args.no_anchor,
                         fisher_mix=args.fisher_mix,
-                        search_score=args.search_score, memory_bits=args.memory_bits, cache_dir=args.cache)
+                        search_score=args.search_score, memory_bits=args.memory_bits,
+                        max_segments=args.max_segments, cache_dir=args.cache)
     opts.validate()  # bad input fails before any work
     tasks = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -390,6 +391,8 @@ def cmd_build(args) -> int:
     if con.get("memory_bits") is not None:
         console.print(f"memory: the plan's weight copies take {con['plan_memory_bits']:.3f} bits per parameter "
                       f"(budget {con['memory_bits']:g})")
+    if con.get("max_segments") is not None:
+        console.print(f"segments: {con['plan_segments']} distinct step assignments (budget {con['max_segments']})")
     mem = report["memory"]
     console.print(f"deployed weights: {mem['total_bytes'] / 1e6:.2f} MB ({mem['ratio_to_fp16']:.2f}x the 16-bit "
                   f"model's {mem['fp16_model_bytes'] / 1e6:.2f} MB; low-rank branches {mem['low_rank_and_smoothing_bytes'] / 1e6:.2f} MB)")
@@ -748,6 +751,9 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--memory-bits", type=float, metavar="B",
                     help="memory budget: bits of every distinct weight copy the plan needs, per parameter (a layer "
                          "that switches W4 <-> W8 across steps costs 12); default: unconstrained")
+    pb.add_argument("--max-segments", type=int, metavar="N",
+                    help="at most N distinct step assignments: each is one deployed ONNX graph / TensorRT engine "
+                         "(default: unconstrained)")
     pb.add_argument("--no-anchor", action="store_true",
                     help="do not keep the uniform policy at the budget in the beam (ablation)")
     pb.add_argument("--cache", metavar="DIR", help="analysis cache (default $ADATSQ_CACHE or ~/.cache/adatsq/analysis)")

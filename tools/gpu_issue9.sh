@@ -12,7 +12,8 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv | tee "$OUT/gpu.txt"
 for stage in "$@"; do
   case "$stage" in
-    tests) python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
+    tests) python3 tools/gpu_diag_kernels.py 2>&1 | tee "$OUT/gpu_diag.txt"
+           python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
            python3 -m pytest -q -p no:cacheprovider tests/test_torch_runtime.py -k "lower_linears" 2>&1 | tail -5 ;;
     e2e)   python3 benchmarks/gpu_e2e.py --double 4 --single 8 --variants bf16,int8,fp8,mixed --json "$OUT/e2e_4x8.json" ;;
     full)  python3 benchmarks/gpu_e2e.py --double 4 --single 8 --variants bf16 --full bf16,mixed --timeout 540 \

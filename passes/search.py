@@ -600,10 +600,34 @@ TARGETS: dict[str, tuple[Precision, ...]] = {
 WEIGHTS = ("rtn", "gptq", "gptq-fisher")
 
 
-def target_lattice(target: str) -> tuple[Precision, ...]:
+def target_lattice(target: str, points: str | Sequence[str] | None = None) -> tuple[Precision, ...]:
+    """The lattice the search draws from: the target's (``points`` None), or the lattice points
+    named in ``points`` ("W2A4,W3A3,W4A4,FP16" or a sequence of names). ``simulate`` takes any
+    WxAy with x in 2,3,4,6,8 and y in 2,3,4,6,8,16 (and FP16); a deployment target only a subset
+    of what it executes. Ordered by (weight bits, activation bits) like the targets' own
+    lattices, duplicates dropped."""
     if target not in TARGETS:
         raise InputError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
-    return TARGETS[target]
+    if points is None:
+        return TARGETS[target]
+    from .analysis import parse_precision
+
+    names = [n.strip().upper() for n in (points.split(",") if isinstance(points, str) else points)]
+    names = [n for n in names if n]
+    if not names:
+        raise InputError(f"lattice {points!r}: name at least one precision, e.g. W3A3,W4A4,W8A8")
+    known = {p.name: p for p in TARGETS[target]}
+    out: dict[str, Precision] = {}
+    for n in names:
+        if n in known:
+            out[n] = known[n]
+        elif target != "simulate":
+            raise InputError(f"lattice point {n!r}: target {target} executes only {', '.join(known)}")
+        elif n in ("FP16", "W16A16"):
+            out["FP16"] = Precision("FP16", 16, 16)
+        else:
+            out[n] = Precision(n, *parse_precision(n))
+    return tuple(sorted(out.values(), key=lambda p: (p.w_bits, p.a_bits)))
 
 
 def parse_budget(text: str) -> Budget:
@@ -730,6 +754,11 @@ class SearchOptions:
     memory_bits: float | None = None
     # at most this many distinct step assignments, i.e. deployed segments (None: unconstrained)
     max_segments: int | None = None
+    # the lattice points the search may use (None: the target's lattice; see target_lattice)
+    lattice: tuple[str, ...] | None = None
+
+    def points(self) -> tuple[Precision, ...]:
+        return target_lattice(self.target, self.lattice)
 
     def validate(self) -> None:
         if self.policy not in POLICIES:
@@ -746,7 +775,7 @@ class SearchOptions:
             raise InputError(f"search: score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.pace is not None and self.pace < 0:
             raise InputError(f"search: pace slack must be >= 0, got {self.pace}")
-        check_memory(target_lattice(self.target), self.memory_bits)
+        check_memory(self.points(), self.memory_bits)
         if self.max_segments is not None and self.max_segments < 1:
             raise InputError(f"search: max_segments must be >= 1, got {self.max_segments}")
 
@@ -798,6 +827,26 @@ def policy_candidates(policy: str, errors: np.ndarray, lattice: Sequence[Precisi
         static = allocation_candidates(errors.sum(0), lattice, costs, budget, levels)
         return lambda k: static
     return lambda k: allocation_candidates(errors[k], lattice, costs, budget, levels, allowed)
+
+
+#: the per-step error given to lattice points no policy within the budget can run
+UNUSABLE_ERROR = float("inf")
+
+
+def usable_points(lattice: Sequence[Precision], budget: Budget) -> list[int]:
+    """Indices of the lattice points some policy within ``budget`` can run: a point above the
+    budget on one axis needs another usable point below it on that axis (W3A8 under a W3A3
+    budget needs a point with fewer than 3 activation bits). Cheapest (weight, activation bits)
+    first. ``check_budget`` has made sure one point fits."""
+    use = sorted(range(len(lattice)), key=lambda i: (lattice[i].w_bits, lattice[i].a_bits))
+    while True:
+        below_w = any(lattice[i].w_bits < budget.w_bits - 1e-9 for i in use)
+        below_a = any(lattice[i].a_bits < budget.a_bits - 1e-9 for i in use)
+        keep = [i for i in use if (below_w or lattice[i].w_bits <= budget.w_bits + 1e-9)
+                and (below_a or lattice[i].a_bits <= budget.a_bits + 1e-9)]
+        if keep == use:
+            return use
+        use = keep
 
 
 def uniform_anchor(lattice: Sequence[Precision], budget: Budget, num_groups: int) -> Assignment | None:
@@ -918,7 +967,7 @@ def search_plan(graph: Any, calib: Any, fp_latents: Any, budget: Budget, options
     from .plan import PrecisionPlan, fingerprint_graph
     from .transforms import transformed_layers
 
-    lattice = target_lattice(options.target)
+    lattice = options.points()
     table = LayerTable.from_graph(graph)
     groups, errors = sensitivity_table(graph, lattice)
     costs = Costs(tuple(float(sum(table[p].params for p in ls)) for ls in groups.values()),
@@ -927,11 +976,16 @@ def search_plan(graph: Any, calib: Any, fp_latents: Any, budget: Budget, options
     options.validate()
     transformer = calib.denoiser.transformer
     make = make_transform or layer_transform_factory(transformer, graph)
-    lo = min(range(len(lattice)), key=lambda i: (lattice[i].w_bits, lattice[i].a_bits))
-    forced = (lattice[lo].w_bits >= budget.w_bits - 1e-9 and lattice[lo].a_bits >= budget.a_bits - 1e-9
-              and all(p.w_bits >= lattice[lo].w_bits and p.a_bits >= lattice[lo].a_bits for p in lattice))
-    # a forced budget runs the cheapest point only: no other precision's copies are made
-    switch = SwitchableLayers({p: {prec.name: make(p, prec) for prec in (lattice[lo:lo + 1] if forced else lattice)}
+    usable = usable_points(lattice, budget)
+    lo = usable[0]
+    # a forced budget (one usable point, e.g. W3A3 on W3A3/W4A4/...) runs that point only: no other
+    # precision's copies are made or measured. The measured sensitivity holds the other groups in
+    # 16-bit: a lattice without a 16-bit point gets one for that measurement only (never proposed)
+    forced = len(usable) == 1
+    measure = tuple(lattice[i] for i in usable)
+    if not forced and options.sensitivity == "measured" and not any(p.w_bits >= 16 and p.a_bits >= 16 for p in measure):
+        measure = (*measure, Precision("FP16", 16, 16))
+    switch = SwitchableLayers({p: {prec.name: make(p, prec) for prec in (lattice[lo:lo + 1] if forced else measure)}
                                for ls in groups.values() for p in ls})
     if options.score == "heldout":
         calib, fp_latents, samples = heldout_set(calib, options.samples)
@@ -940,14 +994,17 @@ def search_plan(graph: Any, calib: Any, fp_latents: Any, budget: Budget, options
         order = [c * n_seeds + s for s in range(n_seeds) for c in range(len(calib.conditions))]
         samples = order[:min(options.samples, len(order))]
     step_fn = model_step_fn(calib, switch, groups, lattice, fp_latents, samples)
-    if forced:  # the budget equals the lattice's cheapest point: the only feasible policy is that point everywhere
+    if forced:  # the only feasible policy is that point everywhere
         errors = np.zeros_like(errors)
-        errors[:, :, [i for i in range(len(lattice)) if i != lo]] = 1.0
     elif options.sensitivity == "measured":
-        sens_fn = model_step_fn(calib, switch, groups, lattice, fp_latents, samples[:options.sensitivity_samples])
+        sens_fn = model_step_fn(calib, switch, groups, measure, fp_latents, samples[:options.sensitivity_samples])
         with transformed_layers(transformer, switch.transforms()):
-            errors = measured_sensitivity(sens_fn, fp_latents[:, samples[:options.sensitivity_samples]],
-                                          len(groups), lattice, sensitivity_progress)
+            measured = measured_sensitivity(sens_fn, fp_latents[:, samples[:options.sensitivity_samples]],
+                                            len(groups), measure, sensitivity_progress)
+        errors = np.zeros_like(errors)
+        errors[:, :, usable] = measured[:, :, :len(usable)]
+    # points no policy within the budget can run are never proposed (their copies are not made)
+    errors[:, :, [i for i in range(len(lattice)) if i not in usable]] = UNUSABLE_ERROR
     # under a memory budget the dynamic search chooses among the copies that fit it
     allowed = (select_copies(errors, lattice, costs, budget, options.memory_bits)
                if options.memory_bits is not None and options.policy == "dynamic" else None)

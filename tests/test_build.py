@@ -14,7 +14,11 @@ from tests.test_search import analysed_tiny  # noqa: F401 - the module fixture
 @pytest.mark.parametrize("bad, msg", [(dict(budget="W1A1"), "infeasible budget"), (dict(weights="awq"), "unknown weights"),
                                       (dict(base="hqq"), "unknown base"), (dict(policy="random"), "unknown policy"),
                                       (dict(rank=-2), "rank and group size"), (dict(search_samples=0), "samples"),
-                                      (dict(target="tpu"), "unknown target")])
+                                      (dict(target="tpu"), "unknown target"),
+                                      (dict(target="simulate", budget="W3A3", lattice="W4A4,W8A8"), "infeasible budget W3A3"),
+                                      (dict(lattice="W4A4"), "executes only"),
+                                      (dict(groups="head"), "unknown layer grouping"),
+                                      (dict(target="simulate", lattice="W4A4,W8A8", memory_bits=3), "infeasible memory")])
 def test_build_options_fail_before_any_work(bad, msg):
     with pytest.raises(InputError, match=msg):
         BuildOptions(**bad).validate()
@@ -27,6 +31,9 @@ def test_each_target_has_a_feasible_default_budget():
     assert BuildOptions().target == "onnxruntime" and BuildOptions().resolved().budget == "W6A12"
     assert BuildOptions(target="simulate").resolved().budget == "W4A4"
     assert BuildOptions(budget="W8A8").resolved().budget == "W8A8"  # a given budget is kept
+    # the lattice is spelled canonically, so two spellings share the caches
+    assert BuildOptions(target="simulate", lattice="w4a4,W2A4, W4A2").resolved().lattice == "W2A4,W4A2,W4A4"
+    assert BuildOptions(target="simulate", lattice="W2A4,W4A4").search_options().points()[0].name == "W2A4"
     for target in DEFAULT_BUDGETS:
         BuildOptions(target=target).validate()
     with pytest.raises(InputError, match="infeasible budget W4A4"):  # the deployment lattice has no 4-bit activations

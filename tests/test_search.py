@@ -137,6 +137,50 @@ def test_search_plan_on_a_tiny_model(analysed_tiny):
         search_plan(graph, calib, lat, Budget(2.0, 2.0))
     with pytest.raises(Exception, match="did not measure W4A16"):
         search_plan(graph, calib, lat, Budget(4.0, 16.0), SearchOptions(target="tensorrt"))
+    # a chosen lattice: the plan draws from it only and records it
+    plan, _, _ = search_plan(graph, calib, lat, Budget(6.0, 6.0), SearchOptions(beam=2, samples=2,
+                                                                                lattice=("w8a8", "W4A4")))
+    assert [p.name for p in plan.lattice] == ["W4A4", "W8A8"]
+    assert {n for row in plan.assignment for n in row} <= {"W4A4", "W8A8"}
+    assert plan.achieved.w_bits <= 6.0 + 1e-9 and plan.achieved.a_bits <= 6.0 + 1e-9
+    with pytest.raises(Exception, match="did not measure W2A4"):
+        search_plan(graph, calib, lat, Budget(3.0, 3.0), SearchOptions(lattice=("W2A4", "W4A2", "W3A3")))
+    # W4A8 and W8A8 cannot run under W3A3 with nothing below 3 activation bits: forced to W3A3
+    plan, out, _ = search_plan(graph, calib, lat, Budget(3.0, 3.0), SearchOptions(beam=2, samples=2,
+                                                                                lattice=("W3A3", "W4A8", "W8A8")))
+    assert {n for row in plan.assignment for n in row} == {"W3A3"} and out.evaluations == calib.num_steps
+
+
+def test_usable_points_need_a_point_below_the_budget_on_each_axis_they_exceed():
+    from adatsq.passes.search import target_lattice, usable_points
+
+    def names(points, budget):
+        lat = target_lattice("simulate", points)
+        return [lat[i].name for i in usable_points(lat, budget)]
+
+    assert names(None, Budget(3.0, 3.0)) == ["W3A3"]
+    assert names(None, Budget(4.0, 4.0)) == ["W3A3", "W4A4", "W4A8", "W8A8", "FP16"]
+    assert names("W2A4,W3A3,W3A8,W4A4,FP16", Budget(3.0, 3.0)) == ["W3A3"]
+    assert names("W2A3,W3A3,W3A8,W4A4", Budget(3.0, 3.0)) == ["W2A3", "W3A3"]  # no point below A3
+    assert names("W2A3,W3A2,W3A8,W4A4", Budget(3.0, 3.0)) == ["W2A3", "W3A2", "W3A8", "W4A4"]
+    # W2A16 is below the weight budget, but only usable if something is below A3: then W8A8 is too
+    assert names("W2A16,W3A3,W8A8", Budget(3.0, 3.0)) == ["W3A3"]
+    assert names("W2A16,W3A2,W8A8", Budget(3.0, 3.0)) == ["W2A16", "W3A2", "W8A8"]
+
+
+def test_target_lattice_takes_named_points():
+    from adatsq.passes.search import TARGETS, target_lattice
+
+    assert target_lattice("simulate") == TARGETS["simulate"]
+    names = lambda t, pts: [p.name for p in target_lattice(t, pts)]  # noqa: E731
+    assert names("simulate", "w4a4, W2A4,W4A2,fp16,W4A4") == ["W2A4", "W4A2", "W4A4", "FP16"]
+    assert names("simulate", ["W3A3", "W16A16"]) == ["W3A3", "FP16"]
+    assert names("onnxruntime", "FP16,W8A8") == ["W8A8", "FP16"]
+    for target, pts, msg in [("simulate", "W5A5", "not WxAy"), ("simulate", " , ", "at least one"),
+                             ("simulate", "int4", "not WxAy"), ("onnxruntime", "W4A4", "executes only"),
+                             ("tensorrt", "W4A8", "executes only")]:
+        with pytest.raises(InputError, match=msg):
+            target_lattice(target, pts)
 
 
 def test_model_step_fn_reproduces_the_fp_trajectory_at_16_bits(analysed_tiny):

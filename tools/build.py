@@ -39,27 +39,41 @@ class BuildOptions:
     search_score: str = "heldout"  # the samples the search scores on: heldout seeds or calibration samples
     memory_bits: float | None = None  # memory budget: bits of all distinct weight copies per parameter
     max_segments: int | None = None  # at most this many distinct step assignments (deployed segments)
+    lattice: str | None = None  # the lattice points the search may use, "W2A4,W3A3,..." (None: the target's)
+    groups: str = "block"  # the search's layer groups: block | role (each role within a block) | layer
     cache_dir: str | None = None
 
     def resolved(self) -> "BuildOptions":
-        """These options with the budget filled in from the target's default."""
-        if self.budget is not None:
-            return self
-        if self.target not in DEFAULT_BUDGETS:
-            from ..passes.search import target_lattice
+        """These options with the budget filled in from the target's default and the lattice
+        spelled canonically (sorted names; so the caches key on what is searched)."""
+        from ..passes.search import target_lattice
 
-            target_lattice(self.target)  # an unknown target: the clear error
-        return dataclasses.replace(self, budget=DEFAULT_BUDGETS[self.target])
+        lattice = target_lattice(self.target, self.lattice)  # an unknown target or point: the clear error
+        return dataclasses.replace(
+            self, budget=self.budget if self.budget is not None else DEFAULT_BUDGETS[self.target],
+            lattice=None if self.lattice is None else ",".join(p.name for p in lattice))
+
+    def search_options(self) -> Any:
+        """The :class:`~adatsq.passes.search.SearchOptions` these build options run the search with."""
+        from ..passes.search import SearchOptions
+
+        return SearchOptions(self.target, self.beam, self.search_samples, policy=self.policy, pace=self.pace,
+                             sensitivity=self.search_sensitivity, sensitivity_samples=self.sensitivity_samples,
+                             anchor=self.anchor, score=self.search_score, memory_bits=self.memory_bits,
+                             max_segments=self.max_segments,
+                             lattice=None if self.lattice is None else tuple(self.lattice.split(",")))
 
     def validate(self) -> None:
-        from ..passes.search import WEIGHTS, SearchOptions, check_budget, parse_budget, target_lattice
+        from ..passes.search import WEIGHTS, check_budget, parse_budget, target_lattice
 
-        check_budget(target_lattice(self.target), parse_budget(self.resolved().budget))
-        SearchOptions(self.target, self.beam, self.search_samples, policy=self.policy, pace=self.pace,
-                      sensitivity=self.search_sensitivity, anchor=self.anchor, score=self.search_score,
-                      memory_bits=self.memory_bits, max_segments=self.max_segments).validate()
+        check_budget(target_lattice(self.target, self.lattice), parse_budget(self.resolved().budget))
+        self.search_options().validate()
         if self.weights not in WEIGHTS:
             raise InputError(f"build: unknown weights {self.weights!r} ({', '.join(WEIGHTS)})")
+        from ..passes.analysis import GROUPINGS
+
+        if self.groups not in GROUPINGS:
+            raise InputError(f"build: unknown layer grouping {self.groups!r} ({', '.join(GROUPINGS)})")
         if self.base not in BASES:
             raise InputError(f"build: unknown base {self.base!r} ({', '.join(BASES)})")
         if not 0.0 <= self.fisher_mix <= 1.0:
@@ -94,7 +108,7 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     from ..passes.cache import default_cache_root
     from ..passes.calibration import reference_calibration
     from ..passes.cache import options_key
-    from ..passes.search import SearchOptions, layer_transform_factory, parse_budget, search_plan, target_lattice
+    from ..passes.search import layer_transform_factory, parse_budget, search_plan, target_lattice
     from ..passes.plan import fingerprint_graph
     from ..passes.weights import GPTQWeights, prepare_layers
     from .io import atomic_write_text
@@ -102,7 +116,7 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     opts.validate()  # bad options and an infeasible budget fail before any work
     opts = opts.resolved()
     budget = parse_budget(opts.budget)
-    lattice = target_lattice(opts.target)
+    lattice = target_lattice(opts.target, opts.lattice)
     if opts.model not in REFERENCE_RESOLUTIONS:
         raise InputError(f"build: {opts.model!r} is not a reference model with a calibration set "
                          f"({', '.join(REFERENCE_RESOLUTIONS)})")
@@ -118,7 +132,7 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     cache_root = Path(opts.cache_dir) if opts.cache_dir else default_cache_root()
     quantized = tuple(p.name for p in lattice if p.w_bits < 16 or p.a_bits < 16)
     aopts = AnalysisOptions(hessian="weighted", precisions=quantized, sensitivity_samples=opts.sensitivity_samples,
-                            e2e_steps=0, groups="block")
+                            e2e_steps=0, groups=opts.groups)
     t = time.perf_counter()
     res = analyze(graph, calib, aopts, cache_dir=cache_root, log=log,
                   progress=lambda stage, done, total: prog(f"analysis: {stage}", done, total))
@@ -151,14 +165,7 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     cached = stage_cache.load_search(graph)
     from_cache["search"] = cached is not None
     if cached is None:
-        plan, sres, groups = search_plan(graph, calib, res.results["trajectory"], budget,
-                                         SearchOptions(opts.target, opts.beam, opts.search_samples,
-                                                       policy=opts.policy, pace=opts.pace,
-                                                       sensitivity=opts.search_sensitivity,
-                                                       sensitivity_samples=opts.sensitivity_samples,
-                                                       anchor=opts.anchor, score=opts.search_score,
-                                                       memory_bits=opts.memory_bits,
-                                                       max_segments=opts.max_segments),
+        plan, sres, groups = search_plan(graph, calib, res.results["trajectory"], budget, opts.search_options(),
                                          make, progress=lambda done, total: prog("search", done, total),
                                          sensitivity_progress=lambda d, t: prog("search: sensitivity", d, t))
         stage_cache.save_search(plan, sres, groups)

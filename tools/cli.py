@@ -371,7 +371,8 @@ def cmd_build(args) -> int:
                         sensitivity_samples=args.sensitivity_samples, anchor=not args.no_anchor,
                         fisher_mix=args.fisher_mix,
                         search_score=args.search_score, memory_bits=args.memory_bits,
-                        max_segments=args.max_segments, cache_dir=args.cache)
+                        max_segments=args.max_segments, lattice=args.lattice, groups=args.groups,
+                        cache_dir=args.cache)
     opts.validate()  # bad input fails before any work
     tasks = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -380,7 +381,13 @@ def cmd_build(args) -> int:
             if stage not in tasks:
                 tasks[stage] = progress.add_task(stage, total=total)
             progress.update(tasks[stage], completed=done, total=total)
+            if not console.is_terminal:  # a log file sees no live bars: a line per quarter of each stage
+                quarter = 4 * done // max(total, 1)
+                if done == 1 or quarter > last.get(stage, 0):
+                    last[stage] = quarter
+                    progress.console.print(f"{time.strftime('%H:%M:%S')} {stage}: {done}/{total}")
 
+        last: dict[str, int] = {}
         report = build(args.output, opts, log=console.print, progress=on_progress)
     a, b = report["achieved"], report["budget"]
     console.print(f"plan: W{a['w_bits']:.3f} A{a['a_bits']:.3f} average (budget W{b['w_bits']:g} A{b['a_bits']:g}); "
@@ -754,6 +761,14 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--max-segments", type=int, metavar="N",
                     help="at most N distinct step assignments: each is one deployed ONNX graph / TensorRT engine "
                          "(default: unconstrained)")
+    pb.add_argument("--lattice", metavar="POINTS",
+                    help="the precisions the search may use, comma-separated (e.g. W2A4,W3A3,W4A2,W4A4,W8A8,FP16): "
+                         "for simulate any WxAy with x in 2,3,4,6,8 and y in 2,3,4,6,8,16; for a deployment "
+                         "target a subset of what it executes (default: the target's lattice)")
+    pb.add_argument("--groups", choices=("block", "role", "layer"), default="block",
+                    help="the search's layer groups, each one precision per step: block (default; layers outside "
+                         "blocks by role), role (each role within a block: its attention, MLP, adaLN ... apart) "
+                         "or layer")
     pb.add_argument("--no-anchor", action="store_true",
                     help="do not keep the uniform policy at the budget in the beam (ablation)")
     pb.add_argument("--cache", metavar="DIR", help="analysis cache (default $ADATSQ_CACHE or ~/.cache/adatsq/analysis)")

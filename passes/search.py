@@ -685,15 +685,11 @@ class _Switch:
         names = sw.chunks[self.param]
         if x.shape[0] % sw.rows:
             raise RuntimeError(f"{self.param}: a batch of {x.shape[0]} rows does not split into chunks of {sw.rows}")
-        parts = x.split(sw.rows)
-        out, i = [], 0
-        while i < len(parts):  # consecutive chunks at one precision run as one call
-            j = i + 1
-            while j < len(parts) and names[j % len(names)] == names[i % len(names)]:
-                j += 1
-            out.append(opts[names[i % len(names)]](torch.cat(parts[i:j]) if j - i > 1 else parts[i], bias))
-            i = j
-        return torch.cat(out)
+        # every chunk is its own call, also where neighbours share a precision: a candidate's numbers
+        # must not depend on what it is batched with (at 3-4 bits a different GEMM blocking flips
+        # activation codes, and the sampler amplifies that into ~15% of the search error;
+        # tools/search_noise.py)
+        return torch.cat([opts[names[i % len(names)]](part, bias) for i, part in enumerate(x.split(sw.rows))])
 
 
 def model_step_fn(calib: Any, switch: SwitchableLayers, groups: dict[str, list[str]], lattice: Sequence[Precision],

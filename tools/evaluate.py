@@ -41,6 +41,19 @@ from .sysinfo import cpu_name
 MAX_SAMPLES = 100_000
 
 
+def check_device(device: str, who: str) -> torch.device:
+    """``device`` as a torch device, or a clear error: cpu or cuda[:N], CUDA only where torch sees it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"{who}: unknown device {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"{who}: device {device!r}: only cpu and cuda are supported")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"{who}: device {device!r} requested but torch sees no CUDA device")
+    return dev
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     model: str = "flux-fmnist"
@@ -63,14 +76,7 @@ class EvalConfig:
             raise InputError(f"eval: batch must be positive, got {self.batch}")
         if self.steps is not None and self.steps <= 0:
             raise InputError(f"eval: steps must be positive, got {self.steps}")
-        try:
-            dev = torch.device(self.device)
-        except (RuntimeError, TypeError):
-            raise InputError(f"eval: unknown device {self.device!r}") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise InputError(f"eval: device {self.device!r} requested but torch sees no CUDA device")
-        if dev.type not in ("cpu", "cuda"):
-            raise InputError(f"eval: device {self.device!r}: only cpu and cuda are supported")
+        check_device(self.device, "eval")
         for v in self.variants:
             kind, d = build_variant(v)
             if kind is not None:

@@ -115,6 +115,20 @@ def test_eval_end_to_end_and_deterministic(tmp_path):
 
     im = Image.open(tmp_path / "g.png")
     assert im.size[1] > 3 * 56 and im.size[0] > 6 * 56
+    # per-sample predictions and features, for paired comparisons (tools/paired.py)
+    from adatsq.tools.judge import Judge
+    from adatsq.tools.paired import load_per_sample, paired, save_per_sample
+
+    labels = np.array([fmnist.CLASSES.index(c) for c in ("trouser", "bag")] * 5)
+    save_per_sample(tmp_path / "s.safetensors", r1, images, labels, list(range(10)))
+    lab, per = load_per_sample([tmp_path / "s.safetensors"])
+    assert np.array_equal(lab, labels) and list(per) == ["fp", "w8a8-rtn", "w4a8-rtn"]
+    assert (per["w4a8-rtn"][0] == labels).mean() == pytest.approx(w4["judge_accuracy"])
+    mu, sigma = Judge.load().reference_stats()
+    same = paired(lab, per["w4a8-rtn"], per["w4a8-rtn"], mu, sigma, bootstrap=5)
+    assert same["acc_diff"] == 0 and same["fid_diff"] == 0 and same["fid_a_lower"] == 0
+    assert paired(lab, per["fp"], per["w4a8-rtn"], mu, sigma, bootstrap=0)["fid_diff"] == pytest.approx(
+        fp["fid"] - w4["fid"], abs=1e-3)
 
 
 @pytest.mark.parametrize("cfg, needle", [
@@ -127,6 +141,43 @@ def test_eval_end_to_end_and_deterministic(tmp_path):
 def test_eval_bad_input(cfg, needle):
     with pytest.raises(InputError, match=needle):
         evaluate(cfg)
+
+
+def test_paired_comparison_counts_and_errors(tmp_path):
+    from safetensors.numpy import save_file
+
+    from adatsq.tools.paired import load_per_sample, main, paired
+
+    rng = np.random.default_rng(0)
+    n, d = 400, 6
+    labels = np.arange(n) % 10
+    right = labels.copy()
+    a = right.copy()
+    a[:20] = (labels[:20] + 1) % 10  # A misses samples 0..19
+    b = right.copy()
+    b[10:50] = (labels[10:50] + 1) % 10  # B misses 10..49: A alone right on 20..49, B alone on 0..9
+    feats = rng.normal(size=(n, d))
+    mu, sigma = np.zeros(d), np.eye(d)
+    r = paired(labels, (a, feats + 1.0), (b, feats), mu, sigma, bootstrap=50)
+    assert (r["a_only"], r["b_only"]) == (30, 10) and r["acc_diff"] == pytest.approx(20 / n)
+    assert r["mcnemar_z"] == pytest.approx(20 / np.sqrt(40))
+    d_ = np.r_[-np.ones(10), np.ones(30), np.zeros(n - 40)]
+    assert r["acc_diff_se"] == pytest.approx(d_.std(ddof=1) / np.sqrt(n))
+    # A's features are shifted away from the reference: its FID is higher in every resample
+    assert r["fid_diff"] > 5 and r["fid_a_lower"] == 0 and r["fid_diff_se"] > 0
+    meta = dict(format="adatsq.per-sample", version="1", model="m", variants='["x"]')
+    save_file({"labels": labels, "seeds": np.arange(n), "pred/0": a, "features/0": feats.astype(np.float32)},
+              str(tmp_path / "one.safetensors"), metadata=meta)
+    save_file({"labels": labels, "seeds": np.arange(n) + 1, "pred/0": a, "features/0": feats.astype(np.float32)},
+              str(tmp_path / "other.safetensors"), metadata=meta)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(InputError, match="other seeds or labels"):
+        load_per_sample([tmp_path / "one.safetensors", tmp_path / "other.safetensors"])
+    with pytest.raises(InputError, match="not a safetensors file"):
+        load_per_sample([tmp_path / "junk.safetensors"])
+    with pytest.raises(InputError, match="no such file"):
+        load_per_sample([tmp_path / "none.safetensors"])
+    assert main([str(tmp_path / "one.safetensors"), "--pair", "x", "y"]) == 2  # unknown variant: clear error
 
 
 def test_missing_or_corrupt_checkpoint(tmp_path):

@@ -254,12 +254,18 @@ def cmd_eval(args) -> int:
 
         atomic_write_text(args.md, md)
         console.print(f"wrote {args.md}")
-    if args.grid:
-        from ..frontend.reference import FMNIST_CLASSES
+    from ..frontend.reference import FMNIST_CLASSES
 
-        labels = [FMNIST_CLASSES.index(c) for c in result["classes"]]
-        grid_png(images, FMNIST_CLASSES, [labels[i % len(labels)] for i in range(result["samples"])], args.grid)
+    class_ids = [FMNIST_CLASSES.index(c) for c in result["classes"]]
+    labels = [class_ids[i % len(class_ids)] for i in range(result["samples"])]
+    if args.grid:
+        grid_png(images, FMNIST_CLASSES, labels, args.grid)
         console.print(f"wrote {args.grid}")
+    if args.per_sample:
+        from .paired import save_per_sample
+
+        save_per_sample(args.per_sample, result, images, labels, [result["seed"] + i for i in range(result["samples"])])
+        console.print(f"wrote {args.per_sample} (compare variants with python -m adatsq.tools.paired)")
     return 0
 
 
@@ -685,6 +691,9 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--batch", type=int, default=64)
     pv.add_argument("--json", metavar="FILE")
     pv.add_argument("--md", metavar="FILE", help="write the Markdown table")
+    pv.add_argument("--per-sample", metavar="FILE.safetensors",
+                    help="keep every sample's judge prediction and features, for paired comparisons of the "
+                         "variants on the same seeds (python -m adatsq.tools.paired)")
     pv.add_argument("--deployed", action="append", metavar="BUILD",
                     help="a lowered build (BUILD/onnx) sampled with the PyTorch reference of its deployed numerics "
                          "(static activation scales), repeatable")

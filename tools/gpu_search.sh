@@ -5,7 +5,8 @@
 #   run: bash tools/gpu_search.sh build SAMPLES     carry: .whl
 #        -> $OUT/NAME.weights.safetensors (one per build) and $OUT/builds.tgz (plan, report, plots)
 #   run: bash tools/gpu_search.sh eval N NAME        carry: .whl out/gs  (the builds, unpacked)
-#        -> $OUT/NAME.json, $OUT/NAME.md
+#        -> $OUT/NAME.json, $OUT/NAME.md, $OUT/NAME.per-sample.safetensors, $OUT/NAME.paired.md (each
+#           plan against SVDQuant-like at its budget, sample by sample: tools/paired.py)
 # The analysis (trajectory, Fisher, Hessians) is computed on the machine's CPUs (its statistics do
 # not fit the carry limit); the search runs on the GPU, the weight copies are made on the CPU.
 set -o pipefail
@@ -41,8 +42,12 @@ case "$1" in
     plans=(); for d in out/gs/*/; do plans+=(--plan "${d%/}"); done
     start=$(date +%s)
     python3 -m adatsq eval flux-fmnist --device cuda --batch 500 -n "$N" --method svdquant --bits W4A4 --bits W3A3 \
-      "${plans[@]}" --json "$OUT/$NAME.json" --md "$OUT/$NAME.md" 2>&1 | quiet
+      "${plans[@]}" --json "$OUT/$NAME.json" --md "$OUT/$NAME.md" --per-sample "$OUT/$NAME.per-sample.safetensors" \
+      2>&1 | quiet
     echo "wall $(( $(date +%s) - start )) s"
-    cat "$OUT/$NAME.md" ;;
+    cat "$OUT/$NAME.md"
+    # each plan against the uniform SVDQuant-like variant at its budget, sample by sample
+    pairs=(); for d in out/gs/*/; do b=$(basename "$d" | grep -oE "^w[0-9]a[0-9]"); pairs+=(--pair "plan:${d%/}" "$b-svdquant"); done
+    python3 -m adatsq.tools.paired "$OUT/$NAME.per-sample.safetensors" "${pairs[@]}" --md "$OUT/$NAME.paired.md" ;;
   *) echo "usage: gpu_search.sh build SAMPLES | eval N NAME"; exit 2 ;;
 esac

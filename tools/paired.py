@@ -1,0 +1,162 @@
+"""Paired comparisons of evaluated variants: is method A better than method B on the same seeds?
+
+``adatsq eval --per-sample FILE.safetensors`` keeps, for every variant, the judge's prediction and
+features of each sample. Every variant samples the same seeds and labels, so two variants can be
+compared sample by sample, which resolves far smaller differences than two independent standard
+errors do (near FP both methods get the same samples right):
+
+* accuracy: the mean of ``correct_A - correct_B`` over the samples and its standard error, with
+  the discordant counts (A right and B wrong, the reverse) of McNemar's test and its z score;
+* FID: ``FID_A - FID_B`` on the full set and a paired bootstrap over the samples (the same
+  resampled seeds for both): its standard error and the fraction of resamples in which A's FID is
+  lower.
+
+    python -m adatsq.tools.paired FILE.safetensors [MORE.safetensors ...] --pair A B [--pair ...]
+        [--bootstrap 200] [--json OUT.json] [--md OUT.md]
+
+Variants are named as in the eval JSON (``w3a3-svdquant``, ``plan:out/build`` ...); files from
+several eval runs combine when they hold the same seeds and labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+
+FORMAT = "adatsq.per-sample"
+
+
+def save_per_sample(path: str | Path, result: dict[str, Any], images: dict[str, np.ndarray], labels: np.ndarray,
+                    seeds: Sequence[int]) -> None:
+    """Write the judge's prediction and features of every sample of every variant (atomically)."""
+    from safetensors.numpy import save_file
+
+    from .io import atomic_path
+    from .judge import Judge
+
+    judge = Judge.load()
+    names = [v for v in result["variants"] if v in images]
+    tensors = {"labels": np.asarray(labels, np.int64), "seeds": np.asarray(seeds, np.int64)}
+    for i, v in enumerate(names):
+        tensors[f"pred/{i}"] = judge.predict(images[v]).astype(np.int64)
+        tensors[f"features/{i}"] = judge.features(images[v]).astype(np.float32)
+    meta = dict(format=FORMAT, version="1", model=str(result.get("model")), variants=json.dumps(names))
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_per_sample(paths: Sequence[str | Path]) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """(labels, {variant: (pred, features)}) of one or more per-sample files of the same seeds."""
+    from safetensors import safe_open
+
+    labels, seeds, out = None, None, {}
+    for path in paths:
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"{p}: no such file")
+        try:
+            with safe_open(str(p), "numpy") as f:
+                meta = f.metadata() or {}
+                t = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: one clear error
+            raise InputError(f"{p}: not a safetensors file ({exc})") from None
+        if meta.get("format") != FORMAT:
+            raise InputError(f"{p}: not an `adatsq eval --per-sample` file (format {meta.get('format')!r})")
+        try:
+            names = json.loads(meta["variants"])
+            lab, sd = t["labels"], t["seeds"]
+            rows = {v: (t[f"pred/{i}"], t[f"features/{i}"]) for i, v in enumerate(names)}
+        except (KeyError, ValueError) as exc:
+            raise InputError(f"{p}: incomplete per-sample file ({exc})") from None
+        if labels is None:
+            labels, seeds = lab, sd
+        elif not (np.array_equal(lab, labels) and np.array_equal(sd, seeds)):
+            raise InputError(f"{p}: other seeds or labels than {paths[0]}: the variants cannot be paired")
+        for v, (pred, feats) in rows.items():
+            if pred.shape != labels.shape or feats.shape[0] != labels.shape[0] or not np.isfinite(feats).all():
+                raise InputError(f"{p}: variant {v!r}: predictions or features do not match {labels.shape[0]} samples")
+            out.setdefault(v, (pred, feats.astype(np.float64)))
+    return labels, out
+
+
+def paired(labels: np.ndarray, a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray],
+           ref_mu: np.ndarray, ref_sigma: np.ndarray, bootstrap: int = 200, seed: int = 0) -> dict[str, float]:
+    """Paired accuracy and FID differences of A minus B (see the module docstring)."""
+    from .metrics import fid
+
+    n = labels.shape[0]
+    ca, cb = (a[0] == labels).astype(np.float64), (b[0] == labels).astype(np.float64)
+    d = ca - cb
+    se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    a_only, b_only = int(((ca == 1) & (cb == 0)).sum()), int(((ca == 0) & (cb == 1)).sum())
+    z = (a_only - b_only) / math.sqrt(a_only + b_only) if a_only + b_only else 0.0
+    fid_a, fid_b = fid(a[1], ref_mu, ref_sigma), fid(b[1], ref_mu, ref_sigma)
+    rng = np.random.default_rng(seed)
+    deltas = np.empty(bootstrap)
+    for r in range(bootstrap):
+        idx = rng.integers(0, n, n)
+        deltas[r] = fid(a[1][idx], ref_mu, ref_sigma) - fid(b[1][idx], ref_mu, ref_sigma)
+    return dict(n=n, acc_a=float(ca.mean()), acc_b=float(cb.mean()), acc_diff=float(d.mean()), acc_diff_se=se,
+                a_only=a_only, b_only=b_only, mcnemar_z=float(z), fid_a=float(fid_a), fid_b=float(fid_b),
+                fid_diff=float(fid_a - fid_b),
+                fid_diff_se=float(deltas.std(ddof=1)) if bootstrap > 1 else float("nan"),
+                fid_a_lower=float((deltas < 0).mean()) if bootstrap else float("nan"), bootstrap=bootstrap)
+
+
+def markdown(rows: Sequence[tuple[str, str, dict[str, float]]]) -> str:
+    out = ["| A | B | n | acc. A − B (± SE) | A right, B wrong / reverse | McNemar z | FID A − B (± bootstrap SE) "
+           "| A's FID lower in |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for a, b, r in rows:
+        out.append(f"| {a} | {b} | {r['n']} | {r['acc_diff']:+.4f} ± {r['acc_diff_se']:.4f} | {r['a_only']} / "
+                   f"{r['b_only']} | {r['mcnemar_z']:+.2f} | {r['fid_diff']:+.3f} ± {r['fid_diff_se']:.3f} | "
+                   f"{100 * r['fid_a_lower']:.0f}% |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m adatsq.tools.paired", description=__doc__.split("\n\n")[0])
+    ap.add_argument("files", nargs="+", help="per-sample files of `adatsq eval --per-sample`")
+    ap.add_argument("--pair", nargs=2, action="append", required=True, metavar=("A", "B"),
+                    help="compare variant A with variant B (repeatable)")
+    ap.add_argument("--bootstrap", type=int, default=200, help="FID bootstrap resamples (default 200)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--md", metavar="FILE")
+    args = ap.parse_args(argv)
+    try:
+        if args.bootstrap < 0:
+            raise InputError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+        from .judge import Judge
+        from .io import atomic_write_text
+
+        labels, variants = load_per_sample(args.files)
+        for a, b in args.pair:
+            for v in (a, b):
+                if v not in variants:
+                    raise InputError(f"no variant {v!r} in the files ({', '.join(variants)})")
+        ref_mu, ref_sigma = Judge.load().reference_stats()
+        rows = [(a, b, paired(labels, variants[a], variants[b], ref_mu, ref_sigma, args.bootstrap, args.seed))
+                for a, b in args.pair]
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    md = markdown(rows)
+    print(md, end="")
+    if args.json:
+        atomic_write_text(args.json, json.dumps([dict(a=a, b=b, **r) for a, b, r in rows], indent=1) + "\n")
+    if args.md:
+        atomic_write_text(args.md, md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,7 +8,9 @@
 #   build:NAME:SAMPLES:SECONDS   `adatsq build --device cuda --search-samples SAMPLES` of a named
 #                                configuration (below) into out/gs/NAME-sSAMPLES, given up after SECONDS
 #                                -> $OUT/NAME-sSAMPLES.tgz (plan, report, plots)
-#   eval:N:SEED:TAG              every build in out/gs and SVDQuant-like W4A4 and W3A3 on seeds SEED..SEED+N-1
+#   eval:N:SEED:TAG[:GLOB[:none]]  the builds out/gs/GLOB (default all) and SVDQuant-like W4A4 and W3A3
+#                                (not with :none) on seeds SEED..SEED+N-1; every plan is paired with
+#                                SVDQuant-like at its budget, from this or an earlier eval's samples
 #                                -> $OUT/TAG.json, TAG.md, TAG.per-sample.safetensors, TAG.paired.md
 # The analysis (trajectory, Fisher, Hessians) is computed on the machine's CPUs (its statistics do
 # not fit the carry limit); the search runs on the GPU, the weight copies are made on the CPU.
@@ -33,7 +35,7 @@ flags() {
 t0=$(date +%s)
 for stage in "$@"; do
   echo "== $stage (at $(( $(date +%s) - t0 )) s)"
-  IFS=: read -r kind a b c <<< "$stage"
+  IFS=: read -r kind a b c d e <<< "$stage"
   case "$kind" in
     test) python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_build.py 2>&1 | tail -2 ;;
     build)
@@ -50,16 +52,16 @@ for stage in "$@"; do
       fi ;;
     eval)
       plans=(); pairs=()
-      for d in out/gs/*/; do
-        [ -f "$d/weights.safetensors" ] || continue
-        bits=$(python3 -c "import json,sys; b=json.load(open(sys.argv[1]))['budget']; print(f\"w{b['w_bits']:g}a{b['a_bits']:g}\")" "$d/report.json")
-        plans+=(--plan "${d%/}"); pairs+=(--pair "plan:${d%/}" "$bits-svdquant")
+      for p in out/gs/${d:-*}/; do
+        [ -f "$p/weights.safetensors" ] || continue
+        bits=$(python3 -c "import json,sys; b=json.load(open(sys.argv[1]))['budget']; print(f\"w{b['w_bits']:g}a{b['a_bits']:g}\")" "$p/report.json")
+        plans+=(--plan "${p%/}"); pairs+=(--pair "plan:${p%/}" "$bits-svdquant")
       done
-      python3 -m adatsq eval flux-fmnist --device cuda --batch 500 -n "$a" --seed "$b" --method svdquant \
-        --bits W4A4 --bits W3A3 "${plans[@]}" --json "$OUT/$c.json" --md "$OUT/$c.md" \
-        --per-sample "$OUT/$c.per-sample.safetensors" 2>&1 | quiet
+      base=(--method svdquant --bits W4A4 --bits W3A3); [ "$e" = none ] && base=()
+      python3 -m adatsq eval flux-fmnist --device cuda --batch 500 -n "$a" --seed "$b" "${base[@]}" "${plans[@]}" \
+        --json "$OUT/$c.json" --md "$OUT/$c.md" --per-sample "$OUT/$c.per-sample.safetensors" 2>&1 | quiet
       cat "$OUT/$c.md"
-      python3 -m adatsq.tools.paired "$OUT/$c.per-sample.safetensors" "${pairs[@]}" --md "$OUT/$c.paired.md" ;;
+      python3 -m adatsq.tools.paired "$OUT"/*.per-sample.safetensors "${pairs[@]}" --md "$OUT/$c.paired.md" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

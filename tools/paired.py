@@ -37,7 +37,7 @@ FORMAT = "adatsq.per-sample"
 def save_per_sample(path: str | Path, result: dict[str, Any], images: dict[str, np.ndarray], labels: np.ndarray,
                     seeds: Sequence[int]) -> None:
     """Write the judge's prediction and features of every sample of every variant (atomically)."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     from .io import atomic_path
     from .judge import Judge
@@ -50,7 +50,7 @@ def save_per_sample(path: str | Path, result: dict[str, Any], images: dict[str, 
         tensors[f"features/{i}"] = judge.features(images[v]).astype(np.float32)
     meta = dict(format=FORMAT, version="1", model=str(result.get("model")), variants=json.dumps(names))
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        tmp.write_bytes(save(tensors, metadata=meta))
 
 
 def load_per_sample(paths: Sequence[str | Path]) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:

@@ -171,8 +171,13 @@ def test_paired_comparison_counts_and_errors(tmp_path):
     save_file({"labels": labels, "seeds": np.arange(n) + 1, "pred/0": a, "features/0": feats.astype(np.float32)},
               str(tmp_path / "other.safetensors"), metadata=meta)
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 20)
-    with pytest.raises(InputError, match="other seeds or labels"):
+    with pytest.raises(InputError, match="overlap an earlier file"):
         load_per_sample([tmp_path / "one.safetensors", tmp_path / "other.safetensors"])
+    # disjoint seeds pool their samples
+    save_file({"labels": labels, "seeds": np.arange(n) + n, "pred/0": b, "features/0": feats.astype(np.float32)},
+              str(tmp_path / "later.safetensors"), metadata=meta)
+    lab, per = load_per_sample([tmp_path / "one.safetensors", tmp_path / "later.safetensors"])
+    assert lab.shape == (2 * n,) and np.array_equal(per["x"][0], np.r_[a, b])
     with pytest.raises(InputError, match="not a safetensors file"):
         load_per_sample([tmp_path / "junk.safetensors"])
     with pytest.raises(InputError, match="no such file"):

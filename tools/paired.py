@@ -14,8 +14,9 @@ errors do (near FP both methods get the same samples right):
     python -m adatsq.tools.paired FILE.safetensors [MORE.safetensors ...] --pair A B [--pair ...]
         [--bootstrap 200] [--json OUT.json] [--md OUT.md]
 
-Variants are named as in the eval JSON (``w3a3-svdquant``, ``plan:out/build`` ...); files from
-several eval runs combine when they hold the same seeds and labels.
+Variants are named as in the eval JSON (``w3a3-svdquant``, ``plan:out/build`` ...). Files from
+several eval runs combine: those of the same seeds add variants, those of disjoint seeds add
+samples (``--seed 30000`` and ``--seed 31000`` runs pool into one comparison).
 """
 
 from __future__ import annotations
@@ -53,37 +54,56 @@ def save_per_sample(path: str | Path, result: dict[str, Any], images: dict[str, 
         tmp.write_bytes(save(tensors, metadata=meta))
 
 
-def load_per_sample(paths: Sequence[str | Path]) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """(labels, {variant: (pred, features)}) of one or more per-sample files of the same seeds."""
+def _read(p: Path) -> tuple[np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """(labels, seeds, {variant: (pred, features)}) of one per-sample file, checked."""
     from safetensors import safe_open
 
-    labels, seeds, out = None, None, {}
+    if not p.is_file():
+        raise InputError(f"{p}: no such file")
+    try:
+        with safe_open(str(p), "numpy") as f:
+            meta = f.metadata() or {}
+            t = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: one clear error
+        raise InputError(f"{p}: not a safetensors file ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise InputError(f"{p}: not an `adatsq eval --per-sample` file (format {meta.get('format')!r})")
+    try:
+        names = json.loads(meta["variants"])
+        labels, seeds = t["labels"], t["seeds"]
+        rows = {v: (t[f"pred/{i}"], t[f"features/{i}"].astype(np.float64)) for i, v in enumerate(names)}
+    except (KeyError, ValueError) as exc:
+        raise InputError(f"{p}: incomplete per-sample file ({exc})") from None
+    for v, (pred, feats) in rows.items():
+        if pred.shape != labels.shape or feats.shape[0] != labels.shape[0] or not np.isfinite(feats).all():
+            raise InputError(f"{p}: variant {v!r}: predictions or features do not match {labels.shape[0]} samples")
+    return labels, seeds, rows
+
+
+def load_per_sample(paths: Sequence[str | Path]) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """(labels, {variant: (pred, features)}) of one or more per-sample files. Files of the same
+    seeds add variants; files of disjoint seeds add samples (the variants every seed set has)."""
+    sets: list[tuple[np.ndarray, np.ndarray, dict]] = []  # one entry per distinct seed set
     for path in paths:
-        p = Path(path)
-        if not p.is_file():
-            raise InputError(f"{p}: no such file")
-        try:
-            with safe_open(str(p), "numpy") as f:
-                meta = f.metadata() or {}
-                t = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: one clear error
-            raise InputError(f"{p}: not a safetensors file ({exc})") from None
-        if meta.get("format") != FORMAT:
-            raise InputError(f"{p}: not an `adatsq eval --per-sample` file (format {meta.get('format')!r})")
-        try:
-            names = json.loads(meta["variants"])
-            lab, sd = t["labels"], t["seeds"]
-            rows = {v: (t[f"pred/{i}"], t[f"features/{i}"]) for i, v in enumerate(names)}
-        except (KeyError, ValueError) as exc:
-            raise InputError(f"{p}: incomplete per-sample file ({exc})") from None
-        if labels is None:
-            labels, seeds = lab, sd
-        elif not (np.array_equal(lab, labels) and np.array_equal(sd, seeds)):
-            raise InputError(f"{p}: other seeds or labels than {paths[0]}: the variants cannot be paired")
-        for v, (pred, feats) in rows.items():
-            if pred.shape != labels.shape or feats.shape[0] != labels.shape[0] or not np.isfinite(feats).all():
-                raise InputError(f"{p}: variant {v!r}: predictions or features do not match {labels.shape[0]} samples")
-            out.setdefault(v, (pred, feats.astype(np.float64)))
+        labels, seeds, rows = _read(Path(path))
+        for lab, sd, have in sets:
+            if np.array_equal(sd, seeds):
+                if not np.array_equal(lab, labels):
+                    raise InputError(f"{path}: the same seeds as an earlier file with other labels")
+                for v, r in rows.items():
+                    have.setdefault(v, r)
+                break
+            if np.intersect1d(sd, seeds).size:
+                raise InputError(f"{path}: its seeds overlap an earlier file's without being the same: "
+                                 "the samples can be neither paired nor pooled")
+        else:
+            sets.append((labels, seeds, dict(rows)))
+    common = [v for v in sets[0][2] if all(v in have for _, _, have in sets)]
+    if not common:
+        raise InputError("the seed sets of these files have no variant in common")
+    labels = np.concatenate([lab for lab, _, _ in sets])
+    out = {v: (np.concatenate([have[v][0] for _, _, have in sets]), np.concatenate([have[v][1] for _, _, have in sets]))
+           for v in common}
     return labels, out
 
 

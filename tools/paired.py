@@ -113,9 +113,11 @@ def paired(labels: np.ndarray, a: tuple[np.ndarray, np.ndarray], b: tuple[np.nda
     from .metrics import fid
 
     n = labels.shape[0]
+    if n < 2:
+        raise InputError(f"a paired comparison needs at least 2 samples, got {n}")
     ca, cb = (a[0] == labels).astype(np.float64), (b[0] == labels).astype(np.float64)
     d = ca - cb
-    se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    se = float(d.std(ddof=1) / math.sqrt(n))
     a_only, b_only = int(((ca == 1) & (cb == 0)).sum()), int(((ca == 0) & (cb == 1)).sum())
     z = (a_only - b_only) / math.sqrt(a_only + b_only) if a_only + b_only else 0.0
     fid_a, fid_b = fid(a[1], ref_mu, ref_sigma), fid(b[1], ref_mu, ref_sigma)

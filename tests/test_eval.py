@@ -97,7 +97,8 @@ def test_rtn_context_restores_weights(ref):
 @pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 def test_eval_end_to_end_and_deterministic(tmp_path):
     cfg = EvalConfig(variants=("w8a8-rtn", "w4a8-rtn"), n=10, classes=("trouser", "bag"), steps=3, batch=4)
-    r1, images, seconds = evaluate(cfg)
+    judged = {}
+    r1, images, seconds = evaluate(cfg, judged=judged)
     r2, _, _ = evaluate(cfg)
     assert json.dumps(r1, sort_keys=True) == json.dumps(r2, sort_keys=True)
     assert list(r1["variants"]) == ["fp", "w8a8-rtn", "w4a8-rtn"]
@@ -120,7 +121,7 @@ def test_eval_end_to_end_and_deterministic(tmp_path):
     from adatsq.tools.paired import load_per_sample, paired, save_per_sample
 
     labels = np.array([fmnist.CLASSES.index(c) for c in ("trouser", "bag")] * 5)
-    save_per_sample(tmp_path / "s.safetensors", r1, images, labels, list(range(10)))
+    save_per_sample(tmp_path / "s.safetensors", r1, judged, labels, list(range(10)))
     lab, per = load_per_sample([tmp_path / "s.safetensors"])
     assert np.array_equal(lab, labels) and list(per) == ["fp", "w8a8-rtn", "w4a8-rtn"]
     assert (per["w4a8-rtn"][0] == labels).mean() == pytest.approx(w4["judge_accuracy"])

@@ -204,7 +204,7 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def run_eval(cfg):
+def run_eval(cfg, judged=None):
     """:func:`~adatsq.tools.evaluate.evaluate` with a progress bar per variant."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -218,7 +218,7 @@ def run_eval(cfg):
                 tasks[variant] = progress.add_task(f"sampling {variant}", total=total)
             progress.update(tasks[variant], completed=done)
 
-        return evaluate(cfg, on_progress)
+        return evaluate(cfg, on_progress, judged)
 
 
 def cmd_eval(args) -> int:
@@ -243,7 +243,8 @@ def cmd_eval(args) -> int:
                      seed=args.seed, steps=args.steps, guidance=args.guidance, batch=args.batch,
                      keep_going=args.keep_going, device=args.device)
     cfg.validate()  # before loading anything
-    result, images, seconds = run_eval(cfg)
+    judged = {} if args.per_sample else None
+    result, images, seconds = run_eval(cfg, judged)
     md = markdown(result, seconds)
     console.print(md)
     if args.json:
@@ -264,7 +265,7 @@ def cmd_eval(args) -> int:
     if args.per_sample:
         from .paired import save_per_sample
 
-        save_per_sample(args.per_sample, result, images, labels, [result["seed"] + i for i in range(result["samples"])])
+        save_per_sample(args.per_sample, result, judged, labels, [result["seed"] + i for i in range(result["samples"])])
         console.print(f"wrote {args.per_sample} (compare variants with python -m adatsq.tools.paired)")
     return 0
 

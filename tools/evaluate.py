@@ -140,9 +140,12 @@ def _round(x: Any) -> Any:
     return x
 
 
-def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | None = None
+def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | None = None,
+             judged: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
              ) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, float]]:
-    """Run the evaluation. Returns (JSON-ready result, uint8 images per variant, seconds per variant)."""
+    """Run the evaluation. Returns (JSON-ready result, uint8 images per variant, seconds per variant).
+    ``judged``, if given, receives every variant's judge predictions and features per sample (what
+    the metrics were computed from; :func:`~adatsq.tools.paired.save_per_sample` keeps them)."""
     from ..frontend.export import export_model
     from ..frontend.layers import LayerTable
     from ..frontend.reference import load_reference
@@ -253,6 +256,8 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | Non
         seconds[variant] = time.perf_counter() - t0
         feats = judge.features(images[variant])
         pred = judge.predict(images[variant])
+        if judged is not None:
+            judged[variant] = (pred, feats)
         per_class = {ref.classes[c]: float((pred[labels == c] == c).mean()) for c in sorted(set(class_ids))}
         if variant in plans:
             plan_bits = plans[variant].achieved

@@ -35,20 +35,20 @@ from ..errors import InputError
 FORMAT = "adatsq.per-sample"
 
 
-def save_per_sample(path: str | Path, result: dict[str, Any], images: dict[str, np.ndarray], labels: np.ndarray,
-                    seeds: Sequence[int]) -> None:
-    """Write the judge's prediction and features of every sample of every variant (atomically)."""
+def save_per_sample(path: str | Path, result: dict[str, Any], judged: dict[str, tuple[np.ndarray, np.ndarray]],
+                    labels: np.ndarray, seeds: Sequence[int]) -> None:
+    """Write every variant's judge predictions and features per sample (``evaluate(..., judged=)``),
+    atomically."""
     from safetensors.numpy import save
 
     from .io import atomic_path
-    from .judge import Judge
 
-    judge = Judge.load()
-    names = [v for v in result["variants"] if v in images]
+    names = [v for v in result["variants"] if v in judged]
     tensors = {"labels": np.asarray(labels, np.int64), "seeds": np.asarray(seeds, np.int64)}
     for i, v in enumerate(names):
-        tensors[f"pred/{i}"] = judge.predict(images[v]).astype(np.int64)
-        tensors[f"features/{i}"] = judge.features(images[v]).astype(np.float32)
+        pred, feats = judged[v]
+        tensors[f"pred/{i}"] = np.asarray(pred, np.int64)
+        tensors[f"features/{i}"] = np.asarray(feats, np.float32)
     meta = dict(format=FORMAT, version="1", model=str(result.get("model")), variants=json.dumps(names))
     with atomic_path(path) as tmp:
         tmp.write_bytes(save(tensors, metadata=meta))

@@ -18,11 +18,14 @@ from adatsq.frontend.reference import load_reference
 from adatsq.frontend.sampling import sample
 from adatsq.passes.calibration import reference_calibration
 from adatsq.tools.baselines import PEERS, parse_variant, variant_method
-from adatsq.tools.peers import PeerUnavailable, describe, peer_info, peer_quantized
+from adatsq.tools.evaluate import EvalConfig
+from adatsq.tools.peers import PeerUnavailable, check_device, cpu_peers, describe, peer_info, peer_quantized
 
 MODULES = {"modelopt-int8-sq": "modelopt.torch.quantization", "modelopt-int4-awq": "modelopt.torch.quantization",
            "modelopt-w4a8-awq": "modelopt.torch.quantization", "torchao-int8-dyn": "torchao.quantization",
            "torchao-int4-wo": "torchao.quantization"}
+#: the peers that need a CUDA GPU (modelopt's NVFP4 fake quantization has no CPU path)
+GPU_PEERS = ("modelopt-nvfp4", "modelopt-nvfp4-svdquant")
 #: linears quantized out of 48 (torchao's CPU INT4 cannot take x_embedder (in 4) nor proj_out (out 4))
 QUANTIZED = {"modelopt-int8-sq": 48, "modelopt-int4-awq": 48, "modelopt-w4a8-awq": 48, "torchao-int8-dyn": 48,
              "torchao-int4-wo": 46}
@@ -48,12 +51,68 @@ def _state(module):
 
 
 def test_peer_names_are_variants():
-    assert set(PEERS) == set(MODULES)
+    assert set(PEERS) == set(MODULES) | set(GPU_PEERS)
     for name in PEERS:
         assert variant_method(name) == "peer" and parse_variant(name) == PEERS[name]
         d = describe(name)  # works without the package installed
         assert d["peer"] == name and d["nominal_bits"] == dict(w=PEERS[name][0], a=PEERS[name][1])
         assert d["package"].split()[0] in ("nvidia-modelopt", "torchao")
+        assert d["devices"] == (["cuda"] if name in GPU_PEERS else ["cpu"])
+    assert cpu_peers() == tuple(MODULES)
+    assert [describe(n)["effective_bits"] for n in GPU_PEERS] == [4.5, 4.5]
+
+
+def test_nvfp4_peers_are_cuda_only_and_say_so_before_any_work(ref):
+    for name in GPU_PEERS:
+        check_device(name, "cuda:0")  # no error: the device is checked by name, not probed here
+        with pytest.raises(InputError, match=f"{name}: runs on cuda only .*no CPU path.*--device cuda"):
+            check_device(name, "cpu")
+        with pytest.raises(InputError, match="runs on cuda only"):
+            EvalConfig(variants=("fp", name)).validate()  # eval refuses before loading anything
+        # x_embedder (in-features 4) has no block of 16 to scale: skipped, with the reason
+        assert peer_info(ref, name)["skipped"] == [
+            dict(layer="x_embedder", reason="in-features 4 not divisible by the NVFP4 block of 16")]
+    with pytest.raises(InputError, match="modelopt-int8-sq: runs on cpu only"):
+        check_device("modelopt-int8-sq", "cuda")
+
+
+def test_modelopt_skip_turns_off_both_quantizers_of_the_layer(ref, calib, monkeypatch):
+    """The NVFP4 peers' skip list goes through modelopt's own pattern matching: checked on the CPU
+    with the INT8 config given the same block rule (x_embedder, in-features 4, is not quantized)."""
+    pytest.importorskip("modelopt.torch.quantization")
+    from adatsq.tools import peers
+
+    monkeypatch.setitem(peers._SPECS, "modelopt-int8-sq", dict(peers._SPECS["modelopt-int8-sq"], block=16))
+    with peer_quantized(ref, "modelopt-int8-sq", calib) as info:
+        mods = dict(ref.denoiser.transformer.named_modules())
+        assert not mods["x_embedder"].weight_quantizer.is_enabled
+        assert not mods["x_embedder"].input_quantizer.is_enabled
+        assert mods["proj_out"].weight_quantizer.is_enabled
+    assert info["quantized_layers"] == 47 and info["activation_quantized_layers"] == 47
+    assert [d["layer"] for d in info["skipped"]] == ["x_embedder"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", GPU_PEERS)
+def test_nvfp4_peer_on_the_gpu(ref, calib, name, record_property):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip("modelopt.torch.quantization")
+    original = ref.denoiser.transformer
+    before = _state(original)
+    ref.denoiser.to("cuda")
+    try:
+        fp = _run(ref, calib)
+        with peer_quantized(ref, name, calib) as info:
+            q = _run(ref, calib)
+    finally:
+        ref.denoiser.to("cpu")
+    assert ref.denoiser.transformer is original
+    assert all(torch.equal(before[k], v.cpu()) for k, v in _state(original).items())
+    rel = float((q - fp).norm() / fp.norm())
+    record_property(f"adatsq:peer {name} sample rel. error vs FP (cuda)", rel)
+    assert 1e-4 < rel < 0.25, f"{name}: relative error {rel:.4g}"
+    assert info["quantized_layers"] == 47 and info["activation_quantized_layers"] == 47
 
 
 def test_unknown_peer(ref, calib):

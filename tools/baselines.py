@@ -57,6 +57,8 @@ PEERS = {
     "modelopt-int8-sq": (8, 8),  # nvidia-modelopt INT8_SMOOTHQUANT_CFG
     "modelopt-int4-awq": (4, 16),  # nvidia-modelopt INT4_AWQ_CFG (weight-only)
     "modelopt-w4a8-awq": (4, 8),  # nvidia-modelopt W4A8_AWQ_BETA_CFG
+    "modelopt-nvfp4": (4, 4),  # nvidia-modelopt NVFP4_DEFAULT_CFG (4.5 bits with its block scales; CUDA only)
+    "modelopt-nvfp4-svdquant": (4, 4),  # nvidia-modelopt NVFP4_SVDQUANT_DEFAULT_CFG (CUDA only)
     "torchao-int8-dyn": (8, 8),  # torchao Int8DynamicActivationInt8WeightConfig
     "torchao-int4-wo": (4, 16),  # torchao Int4WeightOnlyConfig
 }

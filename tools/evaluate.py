@@ -87,6 +87,10 @@ class EvalConfig:
                                      f"--target onnxruntime")
             elif v != "fp":
                 parse_variant(v)
+                if variant_method(v) == "peer":
+                    from .peers import check_device as check_peer_device
+
+                    check_peer_device(v, self.device)
 
 
 #: variants that sample a build directory: ``plan:DIR`` the search's simulation (per-token
@@ -211,8 +215,6 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | Non
             from ..passes.calibration import reference_calibration
             from .peers import peer_quantized
 
-            if device.type != "cpu":
-                raise InputError(f"{variant}: the peers run on the CPU only (use --device cpu)")
             ctx = peer_quantized(ref, variant, reference_calibration(ref))
         else:  # methods other than RTN use the analysis passes (cached), computed once per run
             method = variant_method(variant)

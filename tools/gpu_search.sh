@@ -4,14 +4,18 @@
 # the best uniform method, and compared sample by sample (tools/paired.py).
 #   run: bash tools/gpu_search.sh STAGE ...        carry: .whl out/gs
 # STAGE, run in order:
-#   test                         the GPU tests of the search (tests/test_build.py -m gpu)
+#   test                         the GPU tests of the search and of the GPU peers (-m gpu)
 #   build:NAME:SAMPLES:SECONDS   `adatsq build --device cuda --search-samples SAMPLES` of a named
 #                                configuration (below) into out/gs/NAME-sSAMPLES, given up after SECONDS
-#                                -> $OUT/NAME-sSAMPLES.tgz (plan, report, plots)
+#                                -> $OUT/NAME-sSAMPLES.tgz (plan, report, plots, weights: a few MB on
+#                                flux-fmnist; untar into out/gs to carry them into a later call)
 #   eval:N:SEED:TAG[:GLOB[:none]]  the builds out/gs/GLOB (default all) and SVDQuant-like W4A4 and W3A3
 #                                (not with :none) on seeds SEED..SEED+N-1; every plan is paired with
 #                                SVDQuant-like at its budget, from this or an earlier eval's samples
 #                                -> $OUT/TAG.json, TAG.md, TAG.per-sample.safetensors, TAG.paired.md
+#   peers:N:SEED:TAG             the W4A4 peers that need a GPU (modelopt NVFP4, NVFP4 SVDQuant) on the
+#                                same seeds (carry their wheels in .whl); every W4A4 build in out/gs and
+#                                SVDQuant-like W4A4 are paired with each, from the earlier evals' samples
 # The analysis (trajectory, Fisher, Hessians) is computed on the machine's CPUs (its statistics do
 # not fit the carry limit); the search runs on the GPU, the weight copies are made on the CPU.
 set -o pipefail
@@ -37,7 +41,7 @@ for stage in "$@"; do
   echo "== $stage (at $(( $(date +%s) - t0 )) s)"
   IFS=: read -r kind a b c d e <<< "$stage"
   case "$kind" in
-    test) python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_build.py 2>&1 | tail -2 ;;
+    test) python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_build.py tests/test_peers.py 2>&1 | tail -4 ;;
     build)
       f=$(flags "$a") || continue
       name=$a-s$b
@@ -46,7 +50,7 @@ for stage in "$@"; do
       if [ -f "out/gs/$name/report.json" ]; then
         python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(r['seconds'], r['search'], r['policy'])" \
           "out/gs/$name/report.json" | cut -c1-600
-        tar czf "$OUT/$name.tgz" --exclude weights.safetensors -C out/gs "$name"
+        tar czf "$OUT/$name.tgz" -C out/gs "$name"
       else
         echo "$name: not built within $c s"; rm -rf "out/gs/$name"
       fi ;;
@@ -61,6 +65,20 @@ for stage in "$@"; do
       python3 -m adatsq eval flux-fmnist --device cuda --batch 500 -n "$a" --seed "$b" "${base[@]}" "${plans[@]}" \
         --json "$OUT/$c.json" --md "$OUT/$c.md" --per-sample "$OUT/$c.per-sample.safetensors" 2>&1 | quiet
       cat "$OUT/$c.md"
+      python3 -m adatsq.tools.paired "$OUT"/*.per-sample.safetensors "${pairs[@]}" --md "$OUT/$c.paired.md" ;;
+    peers)
+      python3 -m adatsq eval flux-fmnist --device cuda --batch 500 -n "$a" --seed "$b" --keep-going \
+        --variant modelopt-nvfp4 --variant modelopt-nvfp4-svdquant \
+        --json "$OUT/$c.json" --md "$OUT/$c.md" --per-sample "$OUT/$c.per-sample.safetensors" 2>&1 | quiet
+      cat "$OUT/$c.md"
+      pairs=()
+      for p in out/gs/*/; do
+        [ -f "$p/weights.safetensors" ] || continue
+        bits=$(python3 -c "import json,sys; b=json.load(open(sys.argv[1]))['budget']; print(f\"w{b['w_bits']:g}a{b['a_bits']:g}\")" "$p/report.json")
+        [ "$bits" = w4a4 ] || continue
+        for peer in modelopt-nvfp4 modelopt-nvfp4-svdquant; do pairs+=(--pair "plan:${p%/}" "$peer"); done
+      done
+      for peer in modelopt-nvfp4 modelopt-nvfp4-svdquant; do pairs+=(--pair w4a4-svdquant "$peer"); done
       python3 -m adatsq.tools.paired "$OUT"/*.per-sample.safetensors "${pairs[@]}" --md "$OUT/$c.paired.md" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

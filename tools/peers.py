@@ -87,6 +87,20 @@ _SPECS: dict[str, dict[str, Any]] = {
                 "tensor, AWQ-lite scales",
         activations="FP8 E4M3, per tensor, static (max calibration)",
         execution="fake quantization in fp32 (torch)", calibrated=True),
+    "modelopt-nvfp4": dict(
+        dist="nvidia-modelopt", module="modelopt", cfg="NVFP4_DEFAULT_CFG", devices=("cuda",), block=16,
+        weights="NVFP4: FP4 E2M1, an FP8 E4M3 scale per block of 16 input channels under a per-tensor "
+                "FP32 scale (4.5 bits per weight with the block scales)",
+        activations="NVFP4, dynamic per block of 16, under a per-tensor static scale (max calibration)",
+        execution="fake quantization on the GPU (modelopt's Triton FP4 kernel; it has no CPU path)",
+        calibrated=True, effective_bits=4.5),
+    "modelopt-nvfp4-svdquant": dict(
+        dist="nvidia-modelopt", module="modelopt", cfg="NVFP4_SVDQUANT_DEFAULT_CFG", devices=("cuda",), block=16,
+        weights="NVFP4 as modelopt-nvfp4, after AWQ-lite smoothing, of the residual of a rank-32 16-bit "
+                "low-rank branch (SVDQuant)",
+        activations="NVFP4, dynamic per block of 16, under a per-tensor static scale (max calibration)",
+        execution="fake quantization on the GPU (modelopt's Triton FP4 kernel; it has no CPU path)",
+        calibrated=True, effective_bits=4.5),
     "torchao-int8-dyn": dict(
         dist="torchao", module="torchao", cfg="Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)",
         weights="INT8 symmetric, per output row",
@@ -162,7 +176,26 @@ def _torchao_int4_reason(mod: nn.Linear) -> str | None:
 def _skip_reasons(name: str, transformer: nn.Module) -> dict[str, str]:
     if name == "torchao-int4-wo":
         return {n: r for n, m in _linears(transformer).items() if (r := _torchao_int4_reason(m)) is not None}
+    block = _SPECS[name].get("block")
+    if block:  # NVFP4 scales blocks of 16 input channels; a shorter row has no block to scale
+        return {n: f"in-features {m.in_features} not divisible by the NVFP4 block of {block}"
+                for n, m in _linears(transformer).items() if m.in_features % block}
     return {}
+
+
+def cpu_peers() -> tuple[str, ...]:
+    """The peers that run on the CPU (the quality table's default)."""
+    return tuple(n for n in PEERS if "cpu" in _spec(n).get("devices", ("cpu",)))
+
+
+def check_device(name: str, device: str | torch.device) -> None:
+    """Raise InputError (before any work) where peer ``name`` cannot run on ``device``."""
+    devices = _spec(name).get("devices", ("cpu",))
+    kind = torch.device(device).type
+    if kind not in devices:
+        why = ("modelopt's NVFP4 fake quantization has no CPU path" if devices == ("cuda",)
+               else "its numbers here were measured on the CPU")
+        raise InputError(f"{name}: runs on {' or '.join(devices)} only ({why}); use --device {devices[0]}")
 
 
 def describe(name: str) -> dict[str, Any]:
@@ -175,7 +208,8 @@ def describe(name: str) -> dict[str, Any]:
                        f"default exclusions that match one of our linears removed)"
                        if spec["dist"] == "nvidia-modelopt" else f"torchao.quantization.quantize_(model, {spec['cfg']})"),
                nominal_bits=dict(w=w, a=a), weights=spec["weights"], activations=spec["activations"],
-               execution=spec["execution"], uses_calibration=spec["calibrated"])
+               execution=spec["execution"], uses_calibration=spec["calibrated"],
+               devices=list(spec.get("devices", ("cpu",))), effective_bits=spec.get("effective_bits"))
     return out
 
 
@@ -191,9 +225,11 @@ def peer_info(ref: Any, name: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------- modelopt
-def _modelopt_config(mtq, cfg_name: str, linear_names: list[str]) -> tuple[dict, list[str]]:
+def _modelopt_config(mtq, cfg_name: str, linear_names: list[str], skip: tuple[str, ...] = ()
+                     ) -> tuple[dict, list[str]]:
     """The shipped config with its quantizer entries restricted to nn.Linear and the exclusions
-    that would disable one of our linears dropped; returns (config, dropped patterns)."""
+    that would disable one of our linears dropped, and the linears in ``skip`` (the peer cannot
+    take them) disabled by name; returns (config, dropped patterns)."""
     cfg = copy.deepcopy(getattr(mtq, cfg_name))
     entries = cfg["quant_cfg"]
     if not isinstance(entries, list):
@@ -214,6 +250,8 @@ def _modelopt_config(mtq, cfg_name: str, linear_names: list[str]) -> tuple[dict,
             dropped.append(pattern)
         else:
             kept.append(e)
+    for n in skip:  # later entries win: these turn both quantizers of the layer off
+        kept.append({"quantizer_name": f"{n}.*_quantizer", "enable": False})
     cfg["quant_cfg"] = kept
     return cfg, dropped
 
@@ -243,7 +281,8 @@ def _modelopt_quantize(ref, name: str, calib, model: nn.Module, log) -> dict[str
 
     from ..frontend.sampling import sample
 
-    cfg, dropped = _modelopt_config(mtq, _SPECS[name]["cfg"], list(_linears(model)))
+    cfg, dropped = _modelopt_config(mtq, _SPECS[name]["cfg"], list(_linears(model)),
+                                    tuple(_skip_reasons(name, model)))
     calls = [0]
 
     def forward_loop(m: nn.Module) -> None:

@@ -104,8 +104,8 @@ def plot(result: dict[str, Any], methods: Sequence[str], bits: Sequence[str], pa
 
 def main(argv: Sequence[str] | None = None) -> int:
     from ..errors import AdatsqError
-    from .baselines import PEERS
     from .cli import console, run_eval
+    from .peers import cpu_peers
     from .evaluate import EvalConfig, save_json
     from .io import atomic_write_text
 
@@ -115,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--method", action="append", help=f"baselines (default: {', '.join(BASELINES)})")
     ap.add_argument("--bits", action="append", help=f"bit-widths (default: {', '.join(BITS)})")
-    ap.add_argument("--peer", action="append", help=f"peers (default: {', '.join(PEERS)}); 'none' for none")
+    ap.add_argument("--peer", action="append",
+                    help=f"peers (default: the CPU ones, {', '.join(cpu_peers())}); 'none' for none")
     ap.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.json, PREFIX.md, PREFIX.png")
     args = ap.parse_args(argv)
     from .sysinfo import keep_freed_memory
@@ -123,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep_freed_memory()
     methods = tuple(args.method or BASELINES)
     bits = tuple(b.upper() for b in (args.bits or BITS))
-    peers = () if args.peer == ["none"] else tuple(args.peer or PEERS)
+    peers = () if args.peer == ["none"] else tuple(args.peer or cpu_peers())
     cfg = EvalConfig(model=args.model, variants=tuple(variants(methods, bits, peers)), n=args.n, seed=args.seed,
                      keep_going=True)
     try:

@@ -222,3 +222,26 @@ def test_training_script_smoke(tmp_path):
     assert m.info["training"]["steps"] == 3 and m.name == "flux-fmnist"
     assert not (tmp_path / "m-latest").exists() and not (tmp_path / "m.tmp").exists()
     assert weights[0] == weights[1]  # same seed on the CPU: bit-for-bit the same checkpoint
+
+
+def test_fid_parts_split_the_fid_and_expose_the_spread():
+    """FID = mean term + covariance term; a sample set narrower than the reference has spread < 1,
+    and widening it (noise) can lower its FID while moving it away from the narrow set itself."""
+    from adatsq.tools.metrics import fid, fid_parts
+    from adatsq.tools.paired import decomposition, markdown_decomposition
+
+    rng = np.random.default_rng(1)
+    d = 8
+    mu, sigma = np.zeros(d), np.eye(d)
+    narrow = rng.normal(size=(4000, d)) * 0.6 + 0.3  # shifted and under-dispersed
+    wide = narrow + rng.normal(size=narrow.shape) * 0.6  # the same samples plus noise
+    p = fid_parts(narrow, mu, sigma)
+    assert p["fid"] == pytest.approx(fid(narrow, mu, sigma)) and p["mean"] + p["cov"] == pytest.approx(p["fid"])
+    assert p["mean"] == pytest.approx(d * 0.09, rel=0.1) and p["spread"] == pytest.approx(0.36, rel=0.05)
+    q = fid_parts(wide, mu, sigma)
+    assert q["spread"] == pytest.approx(0.72, rel=0.05) and q["cov"] < p["cov"] and q["fid"] < p["fid"]
+    parts = decomposition({"fp": (None, narrow), "noisy": (None, wide)}, ["noisy"], mu, sigma)
+    assert list(parts) == ["fp", "noisy"] and parts["fp"]["fd_vs_fp"] == pytest.approx(0, abs=1e-9)
+    assert parts["noisy"]["fd_vs_fp"] > 0.5  # farther from FP's samples though closer to the data
+    md = markdown_decomposition(parts)
+    assert md.count("\n") == 4 and "| noisy |" in md

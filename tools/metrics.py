@@ -118,6 +118,26 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return max(value, 0.0)
 
 
+def fid_parts(features, ref_mu, ref_sigma) -> dict[str, float]:
+    """:func:`fid` split into its two terms, and the spread behind the second one:
+
+    * ``mean``: ``||mu - mu_ref||^2``, how far the samples' average feature is from the reference's;
+    * ``cov``: ``tr(sigma) + tr(sigma_ref) - 2 tr((sigma sigma_ref)^(1/2))``, the covariance mismatch
+      (``fid = mean + cov``);
+    * ``spread``: ``tr(sigma) / tr(sigma_ref)``, the samples' total feature variance relative to the
+      reference's (< 1: less diverse than the data).
+    """
+    mu, sigma = feature_stats(features)
+    ref_mu, ref_sigma = _gaussian("reference", ref_mu, ref_sigma)
+    if ref_mu.shape != mu.shape:
+        raise ValueError(f"shape mismatch: features have dimension {mu.shape[0]}, "
+                         f"reference statistics {ref_mu.shape[0]}")
+    total = frechet_distance(mu, sigma, ref_mu, ref_sigma)
+    diff = mu - ref_mu
+    mean = float(diff @ diff)
+    return dict(fid=total, mean=mean, cov=total - mean, spread=float(np.trace(sigma) / np.trace(ref_sigma)))
+
+
 def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
     """``(mu [D], sigma [D, D])``, float64: mean and unbiased (ddof=1) covariance of ``features [N, D]``.
 

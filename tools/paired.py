@@ -11,6 +11,11 @@ errors do (near FP both methods get the same samples right):
   resampled seeds for both): its standard error and the fraction of resamples in which A's FID is
   lower.
 
+A second table splits each compared variant's FID into its mean and covariance terms, with the
+spread of its features (total variance / the reference's) and, where the files hold ``fp``, the
+Fréchet distance to the FP model's own samples: near FP a variant can get a lower FID than FP by
+being more spread out, not by being closer to the data (``metrics.fid_parts``).
+
     python -m adatsq.tools.paired FILE.safetensors [MORE.safetensors ...] --pair A B [--pair ...]
         [--bootstrap 200] [--json OUT.json] [--md OUT.md]
 
@@ -133,6 +138,30 @@ def paired(labels: np.ndarray, a: tuple[np.ndarray, np.ndarray], b: tuple[np.nda
                 fid_a_lower=float((deltas < 0).mean()) if bootstrap else float("nan"), bootstrap=bootstrap)
 
 
+def decomposition(variants: dict[str, tuple[np.ndarray, np.ndarray]], names: Sequence[str],
+                  ref_mu: np.ndarray, ref_sigma: np.ndarray) -> dict[str, dict[str, float]]:
+    """{variant: FID, its mean and covariance terms, spread, Fréchet distance to fp's samples}
+    for ``names`` (and ``fp`` first where the files hold it)."""
+    from .metrics import feature_stats, fid_parts, frechet_distance
+
+    fp = feature_stats(variants["fp"][1]) if "fp" in variants else None
+    out = {}
+    for v in dict.fromkeys((["fp"] if fp is not None else []) + list(names)):
+        r = fid_parts(variants[v][1], ref_mu, ref_sigma)
+        r["fd_vs_fp"] = frechet_distance(*feature_stats(variants[v][1]), *fp) if fp is not None else float("nan")
+        out[v] = r
+    return out
+
+
+def markdown_decomposition(parts: dict[str, dict[str, float]]) -> str:
+    out = ["| variant | FID | mean term | covariance term | spread (tr Σ / tr Σ_ref) | Fréchet dist. to FP's samples |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for v, r in parts.items():
+        out.append(f"| {v} | {r['fid']:.3f} | {r['mean']:.3f} | {r['cov']:.3f} | {r['spread']:.4f} | "
+                   f"{r['fd_vs_fp']:.3f} |")
+    return "\n".join(out) + "\n"
+
+
 def markdown(rows: Sequence[tuple[str, str, dict[str, float]]]) -> str:
     out = ["| A | B | n | acc. A − B (± SE) | A right, B wrong / reverse | McNemar z | FID A − B (± bootstrap SE) "
            "| A's FID lower in |",
@@ -168,13 +197,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         ref_mu, ref_sigma = Judge.load().reference_stats()
         rows = [(a, b, paired(labels, variants[a], variants[b], ref_mu, ref_sigma, args.bootstrap, args.seed))
                 for a, b in args.pair]
+        parts = decomposition(variants, [v for pair in args.pair for v in pair], ref_mu, ref_sigma)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    md = markdown(rows)
+    md = markdown(rows) + "\n" + markdown_decomposition(parts)
     print(md, end="")
     if args.json:
-        atomic_write_text(args.json, json.dumps([dict(a=a, b=b, **r) for a, b, r in rows], indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps(dict(pairs=[dict(a=a, b=b, **r) for a, b, r in rows],
+                                                     fid_parts=parts), indent=1) + "\n")
     if args.md:
         atomic_write_text(args.md, md)
     return 0

@@ -28,6 +28,15 @@ peer cannot take a layer (listed per peer below, and machine-readably in :func:`
     The forward loop samples the whole calibration set given (the default one: 10 classes x 2 seeds
     x 20 steps with CFG, 40 rows a model call), walking the model's own trajectory.
 
+``modelopt-nvfp4``, ``modelopt-nvfp4-svdquant`` (W4A4; CUDA only)
+    ``NVFP4_DEFAULT_CFG`` and ``NVFP4_SVDQUANT_DEFAULT_CFG`` with the same two changes: FP4 E2M1
+    weights and activations with an FP8 E4M3 scale per block of 16 input channels under a
+    per-tensor scale (4.5 bits per value with the block scales); the SVDQuant config adds AWQ-lite
+    smoothing and a rank-32 16-bit low-rank branch. modelopt's NVFP4 fake quantization is a Triton
+    kernel with no CPU path (``amax must be a CUDA tensor``), so these run with ``--device cuda``
+    only (:func:`check_device`, before any work). ``x_embedder`` (in-features 4: no block of 16) is
+    skipped, with the reason.
+
 ``torchao-int8-dyn``
     ``quantize_(copy, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))``: INT8
     symmetric per-row weights, INT8 symmetric per-token dynamic activations, real int8 x int8 ->

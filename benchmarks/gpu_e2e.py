@@ -171,6 +171,54 @@ def cuda_ms(fn, warmup: int, reps: int) -> list[float]:
     return out
 
 
+#: kernel-name patterns of the step-time breakdown (first match wins; lower-case substrings)
+KERNEL_CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")),
+    ("quantization", ("quant_rows", "amax", "_unpack", "unpack_int4")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "_scaled_mm", "sm90_", "cublas", "matmul", "_mm_")),
+)
+
+
+def kernel_category(name: str) -> str:
+    """attention / quantization / gemm / other, from a CUDA kernel's name. Inductor's fused
+    per-token quantization kernels carry ``amax`` in their names and count as quantization,
+    although they also compute the op that produces the activations (a norm, the modulation)."""
+    low = name.lower()
+    for cat, pats in KERNEL_CATEGORIES:
+        if any(p in low for p in pats):
+            return cat
+    return "other"
+
+
+def kernel_profile(fn, inputs, clock, step: int, calls: int = 3) -> dict:
+    """GPU kernel time of one step by category (ms per call) and the ten costliest kernels, from
+    ``torch.profiler`` over ``calls`` calls at ``step``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    clock.step = step
+    with torch.no_grad():
+        fn(**inputs)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn(**inputs)
+            torch.cuda.synchronize()
+    per = {}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        if us is None:
+            us = getattr(e, "self_cuda_time_total", 0.0)
+        if us and e.key:
+            per[e.key] = per.get(e.key, 0.0) + us / 1000.0 / calls
+    cats = {}
+    for k, ms in per.items():
+        c = kernel_category(k)
+        cats[c] = cats.get(c, 0.0) + ms
+    top = sorted(per.items(), key=lambda kv: -kv[1])[:10]
+    return dict(ms_by_category=cats, kernel_ms_total=sum(per.values()),
+                top_kernels=[dict(kernel=k[:120], ms=ms, category=kernel_category(k)) for k, ms in top])
+
+
 def rel_err(y, ref) -> float:
     return float((y.float() - ref.float()).norm() / ref.float().norm())
 
@@ -251,6 +299,11 @@ def run_variant(args) -> dict:
             errs[s] = rel_err(y, ref)
             del y
             times[s] = cuda_ms(lambda: fn(**inputs), args.warmup, args.reps)
+    if args.profile:
+        try:
+            row["profile"] = {s: kernel_profile(fn, inputs, clock, ks[0]) for s, ks in segments.items()}
+        except Exception as exc:  # noqa: BLE001 - the timing row stands without its breakdown
+            row["profile_error"] = f"{type(exc).__name__}: {exc}"[:300]
     row["segments_ms"] = {s: statistics.median(t) for s, t in times.items()}
     row["segments_ms_spread"] = {s: [min(t), max(t)] for s, t in times.items()}
     n = sum(len(ks) for ks in segments.values())
@@ -272,6 +325,8 @@ def child_cmd(args, variant: str, double: int, single: int) -> list[str]:
         cmd += ["--eager"]
     if args.torchao_adaln:
         cmd += ["--torchao-adaln"]
+    if args.profile:
+        cmd += ["--profile"]
     return cmd
 
 
@@ -292,6 +347,9 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=420, help="seconds a variant may take (default %(default)s)")
     p.add_argument("--eager", action="store_true", help="no torch.compile (debugging)")
     p.add_argument("--torchao-adaln", action="store_true", help="torchao also quantizes the adaLN linears")
+    p.add_argument("--profile", action="store_true",
+                   help="also break each segment's GPU kernel time down by category (gemm, attention, "
+                        "quantization, other) with torch.profiler")
     p.add_argument("--json", help="results JSON (rewritten after every variant)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
@@ -378,6 +436,16 @@ def table(result) -> str:
                      f"{r.get('speedup_vs_bf16_compiled', float('nan')):.3f} | {r['prep_s']:.1f} | "
                      f"{r.get('prep_vs_bf16', float('nan')):.2f} | {r['weight_bytes'] / 1e9:.2f} | "
                      f"{r['weight_ratio_to_bf16']:.3f} | {r['peak_bytes'] / 1e9:.2f} | {err:.4f} |")
+    prof = [(r, s, p) for r in result["rows"] for s, p in (r.get("profile") or {}).items()]
+    if prof:
+        lines += ["", "GPU kernel time per step by category (torch.profiler, ms):", "",
+                  "| blocks | variant | segment | gemm | attention | quantization | other | kernels total |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
+        for r, s, p in prof:
+            c = p["ms_by_category"]
+            lines.append(f"| {r['double']}+{r['single']} | {r['variant']} | {s} | "
+                         + " | ".join(f"{c.get(k, 0.0):.2f}" for k in ("gemm", "attention", "quantization", "other"))
+                         + f" | {p['kernel_ms_total']:.2f} |")
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ for stage in "$@"; do
     tests) python3 tools/gpu_diag_kernels.py 2>&1 | tee "$OUT/gpu_diag.txt"
            python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
            python3 -m pytest -q -p no:cacheprovider tests/test_torch_runtime.py -k "lower_linears" 2>&1 | tail -5 ;;
-    e2e)   python3 benchmarks/gpu_e2e.py --double 4 --single 8 --variants bf16,int8,fp8,mixed --json "$OUT/e2e_4x8.json" ;;
+    e2e)   python3 benchmarks/gpu_e2e.py --double 4 --single 8 --variants bf16,int8,fp8,mixed --profile --json "$OUT/e2e_4x8.json" ;;
     full)  python3 benchmarks/gpu_e2e.py --double 4 --single 8 --variants bf16 --full bf16,mixed --timeout 540 \
              --json "$OUT/e2e_full.json" ;;
     peer)  python3 benchmarks/gpu_e2e.py --double 4 --single 8 --variants bf16,torchao-fp8 --timeout 480 \

@@ -11,9 +11,30 @@ import pytest
 from adatsq.tools.cli import main
 
 
-def run_cli(*args):
+def run_cli_process(*args):
+    """``python -m adatsq ARGS`` in a child process: the real entry point, its exit code and stderr."""
     return subprocess.run([sys.executable, "-m", "adatsq", *args], capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "200"})
+
+
+def run_cli(*args):
+    """``adatsq ARGS`` in this process (a child process costs ~10 s of imports on a 2-core CPU): the
+    exit code main() returns or argparse exits with, and what went to stdout and stderr. An
+    exception main() lets through is an exit code 1 with its traceback on stderr, as in a process."""
+    import contextlib
+    import io
+    import traceback
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse
+            code = exc.code if isinstance(exc.code, int) else 1
+        except Exception:  # noqa: BLE001 - what a process would print before dying
+            traceback.print_exc(file=err)
+            code = 1
+    return subprocess.CompletedProcess(["adatsq", *args], code, out.getvalue(), err.getvalue())
 
 
 def test_inspect_builtin_writes_json(tmp_path, capsys):
@@ -66,7 +87,7 @@ def _write(path, data):
 def test_bad_input_one_line_exit_2(tmp_path, make_bad, needle):
     target = make_bad(tmp_path)
     out = tmp_path / "never.json"
-    r = run_cli("inspect", str(target), "--json", str(out))
+    r = run_cli_process("inspect", str(target), "--json", str(out))
     assert r.returncode == 2, r.stderr
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("adatsq: error:") and needle in lines[0], r.stderr

@@ -78,6 +78,12 @@ from .baselines import PEERS
 
 INSTALL_HINT = "pip install 'adatsq[peers]'"
 
+#: what the two NVFP4 peers share (W4A4 on the GPU only; blocks of 16 input channels)
+_NVFP4 = dict(
+    dist="nvidia-modelopt", module="modelopt", devices=("cuda",), block=16, calibrated=True, effective_bits=4.5,
+    activations="NVFP4, dynamic per block of 16, under a per-tensor static scale (max calibration)",
+    execution="fake quantization on the GPU (modelopt's Triton FP4 kernel; it has no CPU path)")
+
 #: peer -> (PyPI distribution, import name, configuration)
 _SPECS: dict[str, dict[str, Any]] = {
     "modelopt-int8-sq": dict(
@@ -97,19 +103,13 @@ _SPECS: dict[str, dict[str, Any]] = {
         activations="FP8 E4M3, per tensor, static (max calibration)",
         execution="fake quantization in fp32 (torch)", calibrated=True),
     "modelopt-nvfp4": dict(
-        dist="nvidia-modelopt", module="modelopt", cfg="NVFP4_DEFAULT_CFG", devices=("cuda",), block=16,
+        _NVFP4, cfg="NVFP4_DEFAULT_CFG",
         weights="NVFP4: FP4 E2M1, an FP8 E4M3 scale per block of 16 input channels under a per-tensor "
-                "FP32 scale (4.5 bits per weight with the block scales)",
-        activations="NVFP4, dynamic per block of 16, under a per-tensor static scale (max calibration)",
-        execution="fake quantization on the GPU (modelopt's Triton FP4 kernel; it has no CPU path)",
-        calibrated=True, effective_bits=4.5),
+                "FP32 scale (4.5 bits per weight with the block scales)"),
     "modelopt-nvfp4-svdquant": dict(
-        dist="nvidia-modelopt", module="modelopt", cfg="NVFP4_SVDQUANT_DEFAULT_CFG", devices=("cuda",), block=16,
+        _NVFP4, cfg="NVFP4_SVDQUANT_DEFAULT_CFG",
         weights="NVFP4 as modelopt-nvfp4, after AWQ-lite smoothing, of the residual of a rank-32 16-bit "
-                "low-rank branch (SVDQuant)",
-        activations="NVFP4, dynamic per block of 16, under a per-tensor static scale (max calibration)",
-        execution="fake quantization on the GPU (modelopt's Triton FP4 kernel; it has no CPU path)",
-        calibrated=True, effective_bits=4.5),
+                "low-rank branch (SVDQuant)"),
     "torchao-int8-dyn": dict(
         dist="torchao", module="torchao", cfg="Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)",
         weights="INT8 symmetric, per output row",

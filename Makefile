@@ -54,7 +54,7 @@ demo: $(VENV)/.installed data
 	$(ADATSQ) run $(OUT)/build --class 3 --seed 0 -n 8 --out $(OUT)/run.png
 
 test: $(VENV)/.installed data
-	$(PY) -m pytest -q -n 2 --dist loadgroup -p no:cacheprovider
+	$(PY) -m pytest -q -n 2 -p no:cacheprovider
 
 # the quality table of issue 5: every uniform baseline x W8A8/W4A8/W4A4/W3A3 and every peer on flux-fmnist
 # (installs the peers extra; a peer that cannot run is recorded with its exact error)

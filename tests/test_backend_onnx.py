@@ -282,7 +282,6 @@ def flux_build(tmp_path_factory):
                     base=d / "model.onnx", dir=d)
 
 
-@pytest.mark.xdist_group("flux_build")  # one worker builds the module fixture, not both
 def test_flux_fmnist_build_runs_end_to_end(flux_build, record_property):
     """OrtBuild samples the build (segment per step, CFG, conditioner from the build directory) and
     matches the PyTorch reference of the deployed numerics run through the same sampler."""
@@ -333,7 +332,6 @@ def test_flux_fmnist_build_runs_end_to_end(flux_build, record_property):
     assert torch.equal(again, got)
 
 
-@pytest.mark.xdist_group("flux_build")  # one worker builds the module fixture, not both
 def test_adatsq_run_writes_an_image(flux_build, tmp_path):
     from PIL import Image
 
@@ -362,7 +360,6 @@ def _copy_build(fb, dest: Path) -> Path:
     ("manifest-steps", r"disagree"),
     ("no-manifest", r"manifest\.json: no such file"),
 ])
-@pytest.mark.xdist_group("flux_build")  # one worker builds the module fixture, not both
 def test_damaged_build_directories_are_clear_errors(flux_build, tmp_path, damage, match, capsys):
     from adatsq.backends.ort_runner import OrtBuild
     from adatsq.errors import InputError
@@ -399,7 +396,6 @@ def test_damaged_build_directories_are_clear_errors(flux_build, tmp_path, damage
         assert not (tmp_path / "x.png").exists()
 
 
-@pytest.mark.xdist_group("flux_build")  # one worker builds the module fixture, not both
 def test_weights_are_stored_once_and_the_int4_artefact_is_small(flux_build, tmp_path, record_property):
     """Every tensor is stored once in the shared data file (segments point at the same offsets); an
     INT4 (W4A16) plan's artefact is at most 0.35x the FP32 ONNX."""
@@ -439,7 +435,6 @@ def test_weights_are_stored_once_and_the_int4_artefact_is_small(flux_build, tmp_
     assert len(man["segments"]) == 1 and ratio <= 0.35
 
 
-@pytest.mark.xdist_group("flux_build")  # one worker builds the module fixture, not both
 def test_eval_scores_ort_samples_like_the_deployed_reference(flux_build, tmp_path):
     """``adatsq eval --ort BUILD --deployed BUILD``: the harness on onnxruntime-executed samples gives
     the metrics of the PyTorch reference of the same deployed numerics (same labels and seeds)."""
@@ -461,7 +456,6 @@ def test_eval_scores_ort_samples_like_the_deployed_reference(flux_build, tmp_pat
         EvalConfig(model="flux-fmnist", variants=(f"ort:{tmp_path}",), n=2).validate()
 
 
-@pytest.mark.xdist_group("flux_build")  # one worker builds the module fixture, not both
 def test_eval_torch_runtime_matches_the_plan_reference(flux_build):
     """``adatsq eval --torch-runtime BUILD``: the PyTorch runtime (backends/torch_runtime.py, on the
     CPU its kernels' reference ops) samples what the plan's simulation samples: same judge labels,

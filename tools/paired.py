@@ -13,8 +13,10 @@ errors do (near FP both methods get the same samples right):
 
 A second table splits each compared variant's FID into its mean and covariance terms, with the
 spread of its features (total variance / the reference's) and, where the files hold ``fp``, the
-Fréchet distance to the FP model's own samples: near FP a variant can get a lower FID than FP by
-being more spread out, not by being closer to the data (``metrics.fid_parts``).
+Fréchet distance to the FP model's own samples. Near FP a variant can get a lower FID than FP
+itself by moving away from FP's samples in the direction that FP is off from the data (on
+flux-fmnist FP's features are off-centre and over-dispersed, and W4A4 quantization narrows them),
+so the distance to FP's samples is the fidelity measure there (``metrics.fid_parts``).
 
     python -m adatsq.tools.paired FILE.safetensors [MORE.safetensors ...] --pair A B [--pair ...]
         [--bootstrap 200] [--json OUT.json] [--md OUT.md]

@@ -36,6 +36,9 @@ flags() {
     *) echo "unknown configuration $1" >&2; return 1 ;;
   esac
 }
+budget_of() {  # a build directory's budget as a variant suffix: w4a4, w3a3 ...
+  python3 -c "import json,sys; b=json.load(open(sys.argv[1]))['budget']; print(f\"w{b['w_bits']:g}a{b['a_bits']:g}\")" "$1/report.json"
+}
 t0=$(date +%s)
 for stage in "$@"; do
   echo "== $stage (at $(( $(date +%s) - t0 )) s)"
@@ -58,7 +61,7 @@ for stage in "$@"; do
       plans=(); pairs=()
       for p in out/gs/${d:-*}/; do
         [ -f "$p/weights.safetensors" ] || continue
-        bits=$(python3 -c "import json,sys; b=json.load(open(sys.argv[1]))['budget']; print(f\"w{b['w_bits']:g}a{b['a_bits']:g}\")" "$p/report.json")
+        bits=$(budget_of "$p")
         plans+=(--plan "${p%/}"); pairs+=(--pair "plan:${p%/}" "$bits-svdquant")
       done
       base=(--method svdquant --bits W4A4 --bits W3A3); [ "$e" = none ] && base=()
@@ -74,7 +77,7 @@ for stage in "$@"; do
       pairs=()
       for p in out/gs/*/; do
         [ -f "$p/weights.safetensors" ] || continue
-        bits=$(python3 -c "import json,sys; b=json.load(open(sys.argv[1]))['budget']; print(f\"w{b['w_bits']:g}a{b['a_bits']:g}\")" "$p/report.json")
+        bits=$(budget_of "$p")
         [ "$bits" = w4a4 ] || continue
         for peer in modelopt-nvfp4 modelopt-nvfp4-svdquant; do pairs+=(--pair "plan:${p%/}" "$peer"); done
       done

@@ -155,12 +155,7 @@ def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
 def fid(features, ref_mu, ref_sigma) -> float:
     """Fréchet distance between the Gaussian fit of ``features [N, D]`` (:func:`feature_stats`) and
     the reference ``N(ref_mu, ref_sigma)``; in judge feature space this is the harness's FID."""
-    mu, sigma = feature_stats(features)
-    ref_mu, ref_sigma = _gaussian("reference", ref_mu, ref_sigma)
-    if ref_mu.shape != mu.shape:
-        raise ValueError(f"shape mismatch: features have dimension {mu.shape[0]}, "
-                         f"reference statistics {ref_mu.shape[0]}")
-    return frechet_distance(mu, sigma, ref_mu, ref_sigma)
+    return fid_parts(features, ref_mu, ref_sigma)["fid"]
 
 
 # ---------------------------------------------------------------------------------------- PSNR

@@ -59,6 +59,9 @@ PEERS = {
     "modelopt-w4a8-awq": (4, 8),  # nvidia-modelopt W4A8_AWQ_BETA_CFG
     "modelopt-nvfp4": (4, 4),  # nvidia-modelopt NVFP4_DEFAULT_CFG (4.5 bits with its block scales; CUDA only)
     "modelopt-nvfp4-svdquant": (4, 4),  # nvidia-modelopt NVFP4_SVDQUANT_DEFAULT_CFG (CUDA only)
+    "ct-w4a4": (4, 4),  # compressed-tensors W4A4 preset, group 64 (4.25 bits with its group scales)
+    "ct-w3a3": (3, 3),  # compressed-tensors integer scheme at 3 bits, group 64
+    "ct-nvfp4": (4, 4),  # compressed-tensors NVFP4 preset (4.5 bits with its group scales)
     "torchao-int8-dyn": (8, 8),  # torchao Int8DynamicActivationInt8WeightConfig
     "torchao-int4-wo": (4, 16),  # torchao Int4WeightOnlyConfig
 }

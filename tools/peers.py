@@ -1,7 +1,7 @@
 """Third-party quantizers ("peers") run through our evaluation harness, on a copy of the model.
 
-Optional extras (``pip install 'adatsq[peers]'``): NVIDIA Model Optimizer (``nvidia-modelopt``)
-and ``torchao``. A peer variant of ``adatsq eval`` (the keys of
+Optional extras (``pip install 'adatsq[peers]'``): NVIDIA Model Optimizer (``nvidia-modelopt``),
+``torchao`` and ``compressed-tensors``. A peer variant of ``adatsq eval`` (the keys of
 :data:`adatsq.tools.baselines.PEERS`) runs inside :func:`peer_quantized`, which swaps
 ``ref.denoiser.transformer`` for a quantized ``copy.deepcopy`` of it and puts the original back on
 exit (also on errors); the original's weights are never touched.
@@ -55,6 +55,26 @@ peer cannot take a layer (listed per peer below, and machine-readably in :func:`
     ``proj_out`` (out-features 4: the CPU packing needs out-features divisible by 16). No
     calibration data is used.
 
+``ct-w4a4``, ``ct-w3a3``, ``ct-nvfp4`` (compressed-tensors: W4A4 and W3A3 on the CPU)
+    vLLM's quantization library ``compressed-tensors`` (what llm-compressor writes and vLLM loads):
+    ``apply_quantization_config(copy, QuantizationConfig(config_groups={"group_0": scheme},
+    ignore=[skipped]))`` with ``targets=["Linear"]``, then its own quantize-dequantize forward in
+    fp32 torch (it runs on the CPU). ``ct-w4a4`` is its ``W4A4`` preset (INT4 symmetric weights in
+    groups, INT4 symmetric per-token dynamic activations) with the group size 64 instead of 128:
+    compressed-tensors requires the group to divide the in-features and 128 does not divide 192 or
+    960 (``tensor column shape must be divisble by the given group_size``); 64 is the largest that
+    divides them all but x_embedder's 4. ``ct-w3a3`` is the same scheme at 3 bits (the presets stop
+    at A4: ``_int_wnam`` accepts activation bits 4, 8 and 16 only). ``ct-nvfp4`` is its ``NVFP4``
+    preset as shipped: FP4 E2M1 weights and activations, an FP8 E4M3 scale per group of 16 under a
+    per-tensor FP32 global scale, activations' group scales dynamic. compressed-tensors only applies
+    and runs a scheme; the calibration (llm-compressor's observers) is ours, with its functions:
+    weight scales from each group's min/max (``calculate_qparams``; the global scales by
+    ``generate_gparam`` over the whole weight), and for NVFP4 the activations' global scale from the
+    min/max of each linear's input over the whole calibration set (the same forward loop as the
+    modelopt peers, run on the FP model). Not done: llm-compressor's equalisation of the q/k/v
+    global scales (a vLLM kernel-fusion constraint). ``x_embedder`` (in-features 4) has no group
+    and is skipped, with the reason.
+
 ``set_inductor_config=False`` keeps torchao from changing torch's global inductor settings (we do
 not compile). Errors (package missing, a peer failing) are :class:`PeerUnavailable`, an
 :class:`~adatsq.errors.InputError` naming the peer, the package and version and the underlying
@@ -84,6 +104,19 @@ _NVFP4 = dict(
     activations="NVFP4, dynamic per block of 16, under a per-tensor static scale (max calibration)",
     execution="fake quantization on the GPU (modelopt's Triton FP4 kernel; it has no CPU path)")
 
+#: what the compressed-tensors peers share (quantize-dequantize in torch; CPU or GPU)
+_CT = dict(dist="compressed-tensors", module="compressed_tensors", devices=("cpu", "cuda"),
+           execution="fake quantization in fp32 (compressed-tensors' torch quantize-dequantize forward)")
+
+
+def _ct_int(bits: int) -> dict[str, Any]:
+    return dict(_CT, bits=bits, block=64, calibrated=False, effective_bits=bits + 16 / 64,
+                cfg=f"the W{bits}A{bits} integer scheme (preset W4A4's arguments at {bits} bits, group_size 64)",
+                weights=f"INT{bits} symmetric, groups of 64 input channels, min-max scales (the preset's group of 128 "
+                        f"does not divide 192 or 960)",
+                activations=f"INT{bits} symmetric, per token, dynamic")
+
+
 #: peer -> (PyPI distribution, import name, configuration)
 _SPECS: dict[str, dict[str, Any]] = {
     "modelopt-int8-sq": dict(
@@ -110,6 +143,13 @@ _SPECS: dict[str, dict[str, Any]] = {
         _NVFP4, cfg="NVFP4_SVDQUANT_DEFAULT_CFG",
         weights="NVFP4 as modelopt-nvfp4, after AWQ-lite smoothing, of the residual of a rank-32 16-bit "
                 "low-rank branch (SVDQuant)"),
+    "ct-w4a4": _ct_int(4),
+    "ct-w3a3": _ct_int(3),
+    "ct-nvfp4": dict(
+        _CT, block=16, calibrated=True, effective_bits=4.5, cfg="preset NVFP4",
+        weights="NVFP4: FP4 E2M1, an FP8 E4M3 scale per group of 16 input channels under a per-tensor FP32 global "
+                "scale (4.5 bits per weight with the group scales), min-max",
+        activations="NVFP4, dynamic per group of 16, under a per-tensor global scale from min-max calibration"),
     "torchao-int8-dyn": dict(
         dist="torchao", module="torchao", cfg="Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)",
         weights="INT8 symmetric, per output row",
@@ -186,8 +226,9 @@ def _skip_reasons(name: str, transformer: nn.Module) -> dict[str, str]:
     if name == "torchao-int4-wo":
         return {n: r for n, m in _linears(transformer).items() if (r := _torchao_int4_reason(m)) is not None}
     block = _SPECS[name].get("block")
-    if block:  # NVFP4 scales blocks of 16 input channels; a shorter row has no block to scale
-        return {n: f"in-features {m.in_features} not divisible by the NVFP4 block of {block}"
+    if block:  # scales per block (group) of input channels: a row that no block divides cannot be scaled
+        what = "NVFP4 block" if block == 16 else "group size"
+        return {n: f"in-features {m.in_features} not divisible by the {what} of {block}"
                 for n, m in _linears(transformer).items() if m.in_features % block}
     return {}
 
@@ -207,15 +248,23 @@ def check_device(name: str, device: str | torch.device) -> None:
         raise InputError(f"{name}: runs on {' or '.join(devices)} only ({why}); use --device {devices[0]}")
 
 
+def _config_text(spec: dict[str, Any]) -> str:
+    if spec["dist"] == "nvidia-modelopt":
+        return (f"modelopt.torch.quantization.{spec['cfg']} (quantizer entries restricted to nn.Linear; "
+                f"default exclusions that match one of our linears removed)")
+    if spec["dist"] == "compressed-tensors":
+        return (f"compressed_tensors.quantization.apply_quantization_config(model, {spec['cfg']} on targets "
+                f"['Linear']); scales calibrated by adatsq with compressed-tensors' calculate_qparams/generate_gparam")
+    return f"torchao.quantization.quantize_(model, {spec['cfg']})"
+
+
 def describe(name: str) -> dict[str, Any]:
     """What peer ``name`` runs, independent of a model: package and version, configuration,
     numerics (raises InputError for an unknown name; works without the package installed)."""
     spec = _spec(name)
     w, a = PEERS[name]
     out = dict(peer=name, package=_package(name), installed=_version(spec["dist"]) is not None,
-               config=(f"modelopt.torch.quantization.{spec['cfg']} (quantizer entries restricted to nn.Linear; "
-                       f"default exclusions that match one of our linears removed)"
-                       if spec["dist"] == "nvidia-modelopt" else f"torchao.quantization.quantize_(model, {spec['cfg']})"),
+               config=_config_text(spec),
                nominal_bits=dict(w=w, a=a), weights=spec["weights"], activations=spec["activations"],
                execution=spec["execution"], uses_calibration=spec["calibrated"],
                devices=list(spec.get("devices", ("cpu",))), effective_bits=spec.get("effective_bits"))
@@ -231,6 +280,25 @@ def peer_info(ref: Any, name: str) -> dict[str, Any]:
     info.update(linear_layers=len(lin), quantized_layers=len(lin) - len(skipped),
                 skipped=[dict(layer=n, reason=r) for n, r in skipped.items()])
     return info
+
+
+def _calibration_loop(ref, calib, model: nn.Module) -> int:
+    """Sample the whole calibration set with ``model`` as the transformer (walking the model's own
+    trajectory, with guidance); returns the number of sampling batches."""
+    from ..frontend.sampling import sample
+
+    saved = ref.denoiser.transformer
+    ref.denoiser.transformer = model
+    n = 0
+    try:
+        seeds = calib.sample_seeds()
+        for idx in calib.batches():
+            sample(ref.denoiser, calib.sample_conditions(idx), [seeds[i] for i in idx], calib.schedule,
+                   calib.guidance, record=False)
+            n += 1
+    finally:
+        ref.denoiser.transformer = saved
+    return n
 
 
 # ---------------------------------------------------------------------------------------- modelopt
@@ -288,23 +356,12 @@ def _modelopt_quantize(ref, name: str, calib, model: nn.Module, log) -> dict[str
     _require(name)
     import modelopt.torch.quantization as mtq
 
-    from ..frontend.sampling import sample
-
     cfg, dropped = _modelopt_config(mtq, _SPECS[name]["cfg"], list(_linears(model)),
                                     tuple(_skip_reasons(name, model)))
     calls = [0]
 
     def forward_loop(m: nn.Module) -> None:
-        saved = ref.denoiser.transformer
-        ref.denoiser.transformer = m
-        try:
-            seeds = calib.sample_seeds()
-            for idx in calib.batches():
-                sample(ref.denoiser, calib.sample_conditions(idx), [seeds[i] for i in idx], calib.schedule,
-                       calib.guidance, record=False)
-                calls[0] += 1
-        finally:
-            ref.denoiser.transformer = saved
+        calls[0] += _calibration_loop(ref, calib, m)
 
     out = io.StringIO()  # modelopt prints progress to stdout: keep the CLI's console clean
     with contextlib.redirect_stdout(out):
@@ -315,6 +372,85 @@ def _modelopt_quantize(ref, name: str, calib, model: nn.Module, log) -> dict[str
     wq, aq = _modelopt_quantized_layers(model)
     return dict(model=model, weight_quantized=wq, input_quantized=aq, dropped_exclusions=dropped,
                 forward_loop_passes=calls[0])
+
+
+# ---------------------------------------------------------------------------------------- compressed-tensors
+def _ct_scheme(name: str):
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationScheme, QuantizationStrategy,
+                                                 QuantizationType, preset_name_to_scheme)
+
+    spec = _SPECS[name]
+    if "bits" not in spec:
+        return preset_name_to_scheme("NVFP4", ["Linear"])
+
+    def args(**kw) -> QuantizationArgs:
+        return QuantizationArgs(num_bits=spec["bits"], type=QuantizationType.INT, symmetric=True, **kw)
+
+    preset = preset_name_to_scheme("W4A4", ["Linear"])  # the preset's strategies, at our bits and group
+    return QuantizationScheme(
+        targets=["Linear"],
+        weights=args(strategy=preset.weights.strategy, group_size=spec["block"], dynamic=False),
+        input_activations=args(strategy=preset.input_activations.strategy, dynamic=True))
+
+
+def _ct_quantize(ref, name: str, calib, model: nn.Module) -> dict[str, Any]:
+    _require(name)
+    from compressed_tensors.quantization import (QuantizationConfig, QuantizationStatus, QuantizationStrategy,
+                                                 apply_quantization_config)
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+    skip = sorted(_skip_reasons(name, model))
+    scheme = _ct_scheme(name)
+    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=skip,
+                                quantization_status=QuantizationStatus.INITIALIZED)
+    apply_quantization_config(model, config, show_progress=False)
+    quantized = {n: m for n, m in _linears(model).items() if getattr(m, "quantization_scheme", None) is not None}
+    passes = 0
+    with torch.no_grad():
+        for m in quantized.values():  # weights: min-max per group (llm-compressor's default weight observer)
+            args = m.quantization_scheme.weights
+            w = m.weight.detach().float()
+            gscale = None
+            if args.strategy == QuantizationStrategy.TENSOR_GROUP:
+                gscale = generate_gparam(w.min(), w.max())
+                m.weight_global_scale.data.copy_(gscale)
+            groups = w.unflatten(-1, (-1, args.group_size))
+            scale, zp = calculate_qparams(groups.amin(-1), groups.amax(-1), args, global_scale=gscale)
+            m.weight_scale.data.copy_(scale)
+            if getattr(m, "weight_zero_point", None) is not None:
+                m.weight_zero_point.data.copy_(zp)
+        if any(hasattr(m, "input_global_scale") for m in quantized.values()):
+            # the activations' global scale: min/max of each input over the calibration set, on the FP model
+            lo = {n: torch.tensor(float("inf")) for n in quantized}
+            hi = {n: torch.tensor(float("-inf")) for n in quantized}
+
+            def observe(n):
+                def hook(_mod, inputs):
+                    x = inputs[0].detach()
+                    lo[n] = torch.minimum(lo[n], x.min().float().cpu())
+                    hi[n] = torch.maximum(hi[n], x.max().float().cpu())
+                return hook
+
+            handles = [m.register_forward_pre_hook(observe(n)) for n, m in quantized.items()]
+            for m in quantized.values():
+                m.quantization_enabled = False
+            try:
+                passes = _calibration_loop(ref, calib, model)
+            finally:
+                for h in handles:
+                    h.remove()
+                for m in quantized.values():
+                    m.quantization_enabled = True
+            for n, m in quantized.items():
+                if not torch.isfinite(lo[n]):
+                    raise ValueError(f"{n}: no calibration input reached this layer")
+                m.input_global_scale.data.copy_(generate_gparam(lo[n], hi[n]).to(m.input_global_scale.device))
+    for m in quantized.values():
+        m.quantization_status = QuantizationStatus.FROZEN
+    scheme = next(iter(quantized.values())).quantization_scheme if quantized else scheme
+    return dict(model=model, weight_quantized=list(quantized),
+                input_quantized=list(quantized) if scheme.input_activations is not None else [],
+                forward_loop_passes=passes)
 
 
 # ---------------------------------------------------------------------------------------- torchao
@@ -371,6 +507,8 @@ def _quantized_copy(ref, name: str, calib, log) -> tuple[nn.Module, dict[str, An
     try:
         if name.startswith("modelopt-"):
             res = _modelopt_quantize(ref, name, calib, model, log)
+        elif name.startswith("ct-"):
+            res = _ct_quantize(ref, name, calib, model)
         else:
             res = _torchao_quantize(name, model)
     except PeerUnavailable:
@@ -391,6 +529,7 @@ def _quantized_copy(ref, name: str, calib, log) -> tuple[nn.Module, dict[str, An
                                                      "not quantized by the peer")) for n in sorted(actual)]
     if "dropped_exclusions" in res:
         info["dropped_default_exclusions"] = res["dropped_exclusions"]
+    if info["uses_calibration"]:
         info["forward_loop_passes"] = res["forward_loop_passes"]
     if info["uses_calibration"]:
         d = calib.describe()

@@ -6,7 +6,7 @@ runs, through the evaluation harness (:mod:`adatsq.tools.evaluate`), the full-pr
 
 * each of our re-implemented baselines (``rtn``, ``smoothquant``, ``quarot``, ``gptq``, ``qdit``,
   ``viditq``, ``svdquant``; see :mod:`adatsq.tools.baselines`) at W8A8, W4A8, W4A4 and W3A3;
-* each peer (:mod:`adatsq.tools.peers`: nvidia-modelopt and torchao configurations) at its own
+* each peer (:mod:`adatsq.tools.peers`: nvidia-modelopt, torchao and compressed-tensors configurations) at its own
   precision; a peer that cannot run (package missing, or an error inside it) is recorded with its
   exact error instead of stopping the table;
 

@@ -698,7 +698,7 @@ def calibrate_reference(ref: Any, plan: Any, params: Sequence[str], seeds_per_cl
 
 
 def lower_build(build_dir: str | Path, model: str | None = None, target: str = "onnxruntime", *,
-                seeds_per_class: int = 1, base_onnx: str | Path | None = None,
+                seeds_per_class: int = 1, base_onnx: str | Path | None = None, graph: Any = None,
                 log: Callable[[str], None] | None = print,
                 progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Lower ``build_dir``'s plan.json + weights.safetensors to ``build_dir/onnx`` (see the module
@@ -708,7 +708,10 @@ def lower_build(build_dir: str | Path, model: str | None = None, target: str = "
 
     ``model`` defaults to the build's report.json ``options.model`` (call it with the model name
     when report.json is not written yet). ``base_onnx``: an ONNX export of the same model to
-    lower instead of exporting it again (its fingerprint metadata is checked against the plan)."""
+    lower instead of exporting it again (its fingerprint metadata is checked against the plan).
+    ``graph``: a DiTGraph of the same model at its reference resolution (``export_model``) to check
+    the plan against instead of exporting it again; without ``base_onnx`` it is also the graph
+    exported to ONNX, with whatever annotations its nodes carry."""
     from ..frontend.export import export_model
     from ..frontend.onnx_io import export_onnx, load_onnx
     from ..frontend.reference import load_reference
@@ -728,7 +731,12 @@ def lower_build(build_dir: str | Path, model: str | None = None, target: str = "
     weights = load_weight_copies(wfile) if wfile.is_file() else None
     t0 = time.perf_counter()
     ref = load_reference(model)
-    graph = export_model(ref.denoiser.transformer, _reference_resolution(model))
+    res = _reference_resolution(model)
+    if graph is None:
+        graph = export_model(ref.denoiser.transformer, res)
+    elif graph.resolution != res:
+        raise LoweringError(f"lower_build: the graph given was exported at {graph.resolution}, {model}'s reference "
+                            f"resolution is {res}")
     fp = fingerprint_graph(graph)
     from ..frontend.layers import LayerTable
 

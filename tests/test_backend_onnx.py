@@ -276,10 +276,21 @@ def flux_build(tmp_path_factory):
         plan.save(build / "plan.json")
         requests, preps = weight_requests(plan, tr, group=64, prep_every=1, rank=32)
         write_weights(build / "weights.safetensors", tr, requests, preps)
-        manifest = lower_build(build, model="flux-fmnist", base_onnx=d / "model.onnx", log=None)
+        manifest = lower_build(build, model="flux-fmnist", base_onnx=d / "model.onnx", graph=graph, log=None)
         return dict(ref=ref, table=table, graph_fp=fingerprint_graph(graph), plan=plan, build=build,
                     weights=load_weight_copies(build / "weights.safetensors"), manifest=manifest,
                     base=d / "model.onnx", dir=d)
+
+
+def test_lower_build_refuses_a_graph_at_another_resolution(flux_build):
+    import types
+
+    from adatsq.backends.onnx_qdq import LoweringError, lower_build
+
+    before = sorted(p.name for p in flux_build["build"].iterdir())
+    with pytest.raises(LoweringError, match="exported at other, flux-fmnist's reference resolution is"):
+        lower_build(flux_build["build"], model="flux-fmnist", graph=types.SimpleNamespace(resolution="other"), log=None)
+    assert sorted(p.name for p in flux_build["build"].iterdir()) == before
 
 
 def test_flux_fmnist_build_runs_end_to_end(flux_build, record_property):

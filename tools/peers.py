@@ -376,8 +376,8 @@ def _modelopt_quantize(ref, name: str, calib, model: nn.Module, log) -> dict[str
 
 # ---------------------------------------------------------------------------------------- compressed-tensors
 def _ct_scheme(name: str):
-    from compressed_tensors.quantization import (QuantizationArgs, QuantizationScheme, QuantizationStrategy,
-                                                 QuantizationType, preset_name_to_scheme)
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationScheme, QuantizationType,
+                                                 preset_name_to_scheme)
 
     spec = _SPECS[name]
     if "bits" not in spec:
@@ -447,7 +447,6 @@ def _ct_quantize(ref, name: str, calib, model: nn.Module) -> dict[str, Any]:
                 m.input_global_scale.data.copy_(generate_gparam(lo[n], hi[n]).to(m.input_global_scale.device))
     for m in quantized.values():
         m.quantization_status = QuantizationStatus.FROZEN
-    scheme = next(iter(quantized.values())).quantization_scheme if quantized else scheme
     return dict(model=model, weight_quantized=list(quantized),
                 input_quantized=list(quantized) if scheme.input_activations is not None else [],
                 forward_loop_passes=passes)

@@ -100,7 +100,8 @@ INSTALL_HINT = "pip install 'adatsq[peers]'"
 
 #: what the two NVFP4 peers share (W4A4 on the GPU only; blocks of 16 input channels)
 _NVFP4 = dict(
-    dist="nvidia-modelopt", module="modelopt", devices=("cuda",), block=16, calibrated=True, effective_bits=4.5,
+    dist="nvidia-modelopt", module="modelopt", devices=("cuda",), block=16, block_name="NVFP4 block", calibrated=True,
+    effective_bits=4.5,
     activations="NVFP4, dynamic per block of 16, under a per-tensor static scale (max calibration)",
     execution="fake quantization on the GPU (modelopt's Triton FP4 kernel; it has no CPU path)")
 
@@ -109,11 +110,15 @@ _CT = dict(dist="compressed-tensors", module="compressed_tensors", devices=("cpu
            execution="fake quantization in fp32 (compressed-tensors' torch quantize-dequantize forward)")
 
 
+#: the compressed-tensors integer peers' weight group (the W4A4 preset's 128 does not divide 192 or 960)
+CT_GROUP = 64
+
+
 def _ct_int(bits: int) -> dict[str, Any]:
-    return dict(_CT, bits=bits, block=64, calibrated=False, effective_bits=bits + 16 / 64,
-                cfg=f"the W{bits}A{bits} integer scheme (preset W4A4's arguments at {bits} bits, group_size 64)",
-                weights=f"INT{bits} symmetric, groups of 64 input channels, min-max scales (the preset's group of 128 "
-                        f"does not divide 192 or 960)",
+    return dict(_CT, bits=bits, block=CT_GROUP, calibrated=False, effective_bits=bits + 16 / CT_GROUP,
+                cfg=f"the W{bits}A{bits} integer scheme (preset W4A4's arguments at {bits} bits, group_size {CT_GROUP})",
+                weights=f"INT{bits} symmetric, groups of {CT_GROUP} input channels, min-max scales (the preset's group "
+                        f"of 128 does not divide 192 or 960)",
                 activations=f"INT{bits} symmetric, per token, dynamic")
 
 
@@ -146,7 +151,7 @@ _SPECS: dict[str, dict[str, Any]] = {
     "ct-w4a4": _ct_int(4),
     "ct-w3a3": _ct_int(3),
     "ct-nvfp4": dict(
-        _CT, block=16, calibrated=True, effective_bits=4.5, cfg="preset NVFP4",
+        _CT, block=16, block_name="NVFP4 block", calibrated=True, effective_bits=4.5, cfg="preset NVFP4",
         weights="NVFP4: FP4 E2M1, an FP8 E4M3 scale per group of 16 input channels under a per-tensor FP32 global "
                 "scale (4.5 bits per weight with the group scales), min-max",
         activations="NVFP4, dynamic per group of 16, under a per-tensor global scale from min-max calibration"),
@@ -227,7 +232,7 @@ def _skip_reasons(name: str, transformer: nn.Module) -> dict[str, str]:
         return {n: r for n, m in _linears(transformer).items() if (r := _torchao_int4_reason(m)) is not None}
     block = _SPECS[name].get("block")
     if block:  # scales per block (group) of input channels: a row that no block divides cannot be scaled
-        what = "NVFP4 block" if block == 16 else "group size"
+        what = _SPECS[name].get("block_name", "group size")
         return {n: f"in-features {m.in_features} not divisible by the {what} of {block}"
                 for n, m in _linears(transformer).items() if m.in_features % block}
     return {}
@@ -427,8 +432,9 @@ def _ct_quantize(ref, name: str, calib, model: nn.Module) -> dict[str, Any]:
             def observe(n):
                 def hook(_mod, inputs):
                     x = inputs[0].detach()
-                    lo[n] = torch.minimum(lo[n], x.min().float().cpu())
-                    hi[n] = torch.maximum(hi[n], x.max().float().cpu())
+                    mn, mx = torch.aminmax(x)
+                    lo[n] = torch.minimum(lo[n], mn.float().cpu())
+                    hi[n] = torch.maximum(hi[n], mx.float().cpu())
                 return hook
 
             handles = [m.register_forward_pre_hook(observe(n)) for n, m in quantized.items()]
@@ -530,7 +536,6 @@ def _quantized_copy(ref, name: str, calib, log) -> tuple[nn.Module, dict[str, An
         info["dropped_default_exclusions"] = res["dropped_exclusions"]
     if info["uses_calibration"]:
         info["forward_loop_passes"] = res["forward_loop_passes"]
-    if info["uses_calibration"]:
         d = calib.describe()
         info["calibration"] = dict(samples=d["samples"], steps=d["steps"], guidance=d["guidance"], key=d["key"])
     return res["model"], info

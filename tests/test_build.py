@@ -166,3 +166,84 @@ def test_build_plots_are_written(tmp_path, analysed_tiny):  # noqa: F811
     for f in ("plan.png", "pareto.png"):
         assert (tmp_path / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pareto.png", "plan.png"]  # no temporary files left
+
+
+def _tiny_plan(graph, calib, precision="W4A4", budget=Budget(4.0, 4.0)):
+    from adatsq.frontend.layers import LayerTable
+    from adatsq.passes.plan import PrecisionPlan, fingerprint_graph
+    from adatsq.passes.search import TARGETS
+
+    return PrecisionPlan.uniform(LayerTable.from_graph(graph), fingerprint_graph(graph), calib.schedule, precision,
+                                 lattice=TARGETS["simulate"], budget=budget)
+
+
+def test_from_plan_options_take_the_plans_lattice_and_budget_and_check_them(analysed_tiny, tmp_path):  # noqa: F811
+    from adatsq.errors import PlanError
+
+    graph, calib, _ = analysed_tiny
+    path = tmp_path / "plan.json"
+    _tiny_plan(graph, calib).save(path)
+    opts = BuildOptions(target="simulate", from_plan=str(path))
+    opts.validate()
+    r = opts.resolved()
+    assert r.budget == "W4A4" and r.lattice == "W3A3,W4A4,W4A8,W8A8,FP16"
+    assert BuildOptions(target="simulate", budget="W5A5", from_plan=str(path)).resolved().budget == "W5A5"
+    # a plan without a budget is held to what it achieves
+    _tiny_plan(graph, calib, budget=None).save(tmp_path / "nobudget.json")
+    assert BuildOptions(target="simulate", from_plan=str(tmp_path / "nobudget.json")).resolved().budget == "W4A4"
+    with pytest.raises(InputError, match="runs W4A4, which target onnxruntime"):
+        BuildOptions(target="onnxruntime", from_plan=str(path)).validate()
+    with pytest.raises(InputError, match="runs W4A4, which target simulate with lattice W3A3, W8A8"):
+        BuildOptions(target="simulate", lattice="W3A3,W8A8", from_plan=str(path)).validate()
+    with pytest.raises(InputError, match=r"averages W4.000 A4.000, over the budget W3 A3"):
+        BuildOptions(target="simulate", budget="W3A3", from_plan=str(path)).validate()
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(PlanError, match="bad.json"):
+        BuildOptions(target="simulate", from_plan=str(tmp_path / "bad.json")).validate()
+    with pytest.raises(PlanError, match="missing.json"):
+        BuildOptions(target="simulate", from_plan=str(tmp_path / "missing.json")).validate()
+
+
+def test_weights_of_a_given_plan_equal_the_copies_the_search_scored(analysed_tiny, tmp_path):  # noqa: F811
+    """`--from-plan` skips the search, so its GPTQ copies are made by the weights pass alone: they
+    must be the very copies the search made and scored (same Hessian, same residual)."""
+    from safetensors.torch import load_file
+
+    from adatsq.passes.search import SearchOptions, layer_transform_factory, search_plan
+    from adatsq.passes.weights import GPTQWeights
+
+    graph, calib, res = analysed_tiny
+    tr = calib.denoiser.transformer
+    make = layer_transform_factory(tr, graph, "gptq-fisher", group_size=8, fisher_mix=0.5)
+    plan, _, _ = search_plan(graph, calib, res.results["trajectory"], Budget(5.0, 6.0),
+                             SearchOptions(beam=2, samples=2), make)
+    by_name = {q.name: q for q in plan.lattice}
+    params = dict(tr.named_parameters())
+    requests = {}
+    for i, p in enumerate(plan.layers):
+        bits = sorted({by_name[r[i]].w_bits for r in plan.assignment} - {16})
+        g = 8 if params[p].reshape(params[p].shape[0], -1).shape[1] % 8 == 0 else None
+        if bits:
+            requests[p] = [(b, g) for b in bits]
+    assert requests and set(make.copies) >= {(p, b, g) for p, v in requests.items() for b, g in v}
+    for name, pre in (("scored", make.copies), ("fresh", None)):
+        GPTQWeights(tr, requests, tmp_path / f"{name}.safetensors", hessian="fisher", precomputed=pre,
+                    fisher_mix=0.5)(graph)
+    a, b = load_file(str(tmp_path / "scored.safetensors")), load_file(str(tmp_path / "fresh.safetensors"))
+    assert a.keys() == b.keys() and len(a) >= 2 * len(requests)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_from_plan_notes_options_that_differ_from_the_plans_build(tmp_path):
+    import json
+
+    from adatsq.tools.build import given_plan_differences
+
+    (tmp_path / "plan.json").write_text("{}")
+    opts = BuildOptions(target="simulate", from_plan=str(tmp_path / "plan.json"))
+    assert given_plan_differences(opts) == []  # no report beside the plan: nothing to compare
+    (tmp_path / "report.json").write_text("{broken")
+    assert given_plan_differences(opts) == []
+    (tmp_path / "report.json").write_text(json.dumps(dict(options=dict(target="simulate", rank=16, beam=9))))
+    notes = given_plan_differences(opts)
+    assert len(notes) == 1 and "rank 16 (now 32)" in notes[0] and "beam" not in notes[0]

@@ -11,6 +11,7 @@ Every stage shows progress; the analysis is cached (a rerun only searches and wr
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -45,16 +46,36 @@ class BuildOptions:
     # the base and the weight copies stay on the CPU
     device: str = "cpu"
     cache_dir: str | None = None
+    # a precision plan (plan.json) to build instead of searching one: export, analysis, base and
+    # weight copies run as usual; the plan is checked against the model, the target and the budget
+    from_plan: str | None = None
+
+    def given_plan(self) -> Any:
+        """The plan of ``from_plan`` (None without one); a bad file is a PlanError naming it."""
+        if self.from_plan is None:
+            return None
+        from ..passes.plan import PrecisionPlan
+
+        return PrecisionPlan.load(self.from_plan)
 
     def resolved(self) -> "BuildOptions":
         """These options with the budget filled in from the target's default and the lattice
         spelled canonically (sorted names; so the caches key on what is searched)."""
-        from ..passes.search import target_lattice
+        from ..passes.search import TARGETS, target_lattice
 
-        lattice = target_lattice(self.target, self.lattice)  # an unknown target or point: the clear error
-        return dataclasses.replace(
-            self, budget=self.budget if self.budget is not None else DEFAULT_BUDGETS[self.target],
-            lattice=None if self.lattice is None else ",".join(p.name for p in lattice))
+        plan = self.given_plan()
+        points = self.lattice
+        budget = self.budget if self.budget is not None else DEFAULT_BUDGETS[self.target]
+        if plan is not None:  # a given plan brings its lattice and budget (the analysis measures that lattice)
+            if points is None:  # the plan's points the target executes (validate names any it uses but cannot)
+                runs = {p.name for p in TARGETS.get(self.target, ())}
+                points = ",".join(p.name for p in plan.lattice if self.target == "simulate" or p.name in runs)
+                points = points or None
+            if self.budget is None:
+                b = plan.budget or plan.achieved
+                budget = f"W{b.w_bits:.10g}A{b.a_bits:.10g}"
+        lattice = target_lattice(self.target, points)  # an unknown target or point: the clear error
+        return dataclasses.replace(self, budget=budget, lattice=None if points is None else ",".join(p.name for p in lattice))
 
     def search_options(self) -> Any:
         """The :class:`~adatsq.passes.search.SearchOptions` these build options run the search with."""
@@ -69,6 +90,8 @@ class BuildOptions:
     def validate(self) -> None:
         from ..passes.search import WEIGHTS, check_budget, parse_budget, target_lattice
 
+        if self.from_plan is not None:  # what the plan runs and averages, before the budget's feasibility
+            check_given_plan(self.given_plan(), self.resolved(), self.from_plan)
         check_budget(target_lattice(self.target, self.lattice), parse_budget(self.resolved().budget))
         self.search_options().validate()
         if self.weights not in WEIGHTS:
@@ -86,6 +109,25 @@ class BuildOptions:
             raise InputError(f"build: --fisher-mix must lie in [0, 1], got {self.fisher_mix}")
         if self.rank < 0 or self.group_size < 0 or self.sensitivity_samples < 1:
             raise InputError("build: rank and group size must be >= 0, sensitivity samples >= 1")
+
+
+def check_given_plan(plan: Any, opts: "BuildOptions", where: str) -> None:
+    """A given plan (``--from-plan``) must use only precisions the target runs with the same bits, and
+    stay within the budget (resolved options: the plan's own budget unless one was given)."""
+    from ..passes.search import parse_budget, target_lattice
+
+    lattice = {p.name: p for p in target_lattice(opts.target, opts.lattice)}
+    used = sorted({n for row in plan.assignment for n in row})
+    of_plan = {p.name: p for p in plan.lattice}
+    for n in used:
+        if lattice.get(n) != of_plan[n]:
+            raise InputError(f"build: {where} runs {n}, which target {opts.target} with lattice "
+                             f"{', '.join(lattice)} does not execute")
+    budget = parse_budget(opts.budget)
+    a = plan.achieved
+    if a.w_bits > budget.w_bits + 1e-9 or a.a_bits > budget.a_bits + 1e-9:
+        raise InputError(f"build: {where} averages W{a.w_bits:.3f} A{a.a_bits:.3f}, over the budget "
+                         f"W{budget.w_bits:g} A{budget.a_bits:g}")
 
 
 #: the budget a target builds for when none is given: the paper's W4A4 when simulating; for the
@@ -130,11 +172,22 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     prog = progress or (lambda stage, done, total: None)
     timings: dict[str, float] = {}
     from_cache: dict[str, bool] = {}
+    given = opts.given_plan()
+    if given is not None:
+        for line in given_plan_differences(opts):
+            log(line)
     t = time.perf_counter()
     ref = load_reference(opts.model)
     graph = export_model(opts.model)
     timings["export"] = time.perf_counter() - t
     calib = reference_calibration(ref)
+    if given is not None:  # for this model and its sampler, before the analysis
+        from ..frontend.layers import LayerTable
+
+        given.check_model(fingerprint_graph(graph), LayerTable.from_graph(graph), where=str(opts.from_plan))
+        if given.schedule != calib.schedule:
+            raise InputError(f"build: {opts.from_plan} was made for another sampler schedule "
+                             f"({given.schedule.num_steps} steps; {opts.model} samples {calib.schedule.num_steps})")
     cache_root = Path(opts.cache_dir) if opts.cache_dir else default_cache_root()
     quantized = tuple(p.name for p in lattice if p.w_bits < 16 or p.a_bits < 16)
     aopts = AnalysisOptions(hessian="weighted", precisions=quantized, sensitivity_samples=opts.sensitivity_samples,
@@ -144,10 +197,13 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
                   progress=lambda stage, done, total: prog(f"analysis: {stage}", done, total))
     timings["analysis"] = time.perf_counter() - t
     # the build's own stages are cached beside the analysis, keyed by everything they depend on
+    key = {k: v for k, v in dataclasses.asdict(opts).items()
+           if k not in ("cache_dir", "from_plan") and (k, v) != ("device", "cpu")}
+    if given is not None:  # keyed by the plan's content, not its path; search options do not apply
+        key = {k: v for k, v in key.items() if k not in SEARCH_ONLY_OPTIONS}
+        key["from_plan"] = hashlib.sha256(json.dumps(given.to_json(), sort_keys=True).encode()).hexdigest()
     stage_cache = BuildCache(cache_root / f"{fingerprint_graph(graph).short}-{calib.key()}" / "builds" /
-                             options_key(dict(build=BUILD_CACHE_VERSION, analysis=dataclasses.asdict(aopts),
-                                              **{k: v for k, v in dataclasses.asdict(opts).items()
-                                                 if k != "cache_dir" and (k, v) != ("device", "cpu")})))
+                             options_key(dict(build=BUILD_CACHE_VERSION, analysis=dataclasses.asdict(aopts), **key)))
     prep, group = None, None
     if opts.base == "lowrank":
         t = time.perf_counter()
@@ -168,9 +224,17 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     t = time.perf_counter()
     make = layer_transform_factory(ref.denoiser.transformer, graph, opts.weights, prep=prep, group_size=group,
                                    fisher_mix=opts.fisher_mix, group_max_bits=group_max_bits(opts.target))
-    cached = stage_cache.load_search(graph)
+    cached = stage_cache.load_search(graph) if given is None else None
     from_cache["search"] = cached is not None
-    if cached is None:
+    if given is not None:
+        from ..passes.search import SearchResult, sensitivity_table
+
+        plan = given
+        groups, _ = sensitivity_table(graph, ())
+        annotate_plan(graph, plan, groups)
+        sres = SearchResult(tuple(), None, plan.achieved, [], [], 0)
+        log(f"search: skipped, the plan of {opts.from_plan}")
+    elif cached is None:
         plan, sres, groups = search_plan(graph, calib, res.results["trajectory"], budget, opts.search_options(),
                                          make, progress=lambda done, total: prog("search", done, total),
                                          sensitivity_progress=lambda d, t: prog("search: sensitivity", d, t),
@@ -203,11 +267,15 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     timings["weights"] = time.perf_counter() - t
     plan.save(out / "plan.json")
     plot_plan(plan, groups, out / "plan.png")
-    plot_pareto(sres, out / "pareto.png")
+    if given is None:
+        plot_pareto(sres, out / "pareto.png")
+    else:  # nothing was explored: no front to plot (an earlier build's would not belong to these weights)
+        (out / "pareto.png").unlink(missing_ok=True)
     report = dict(format="adatsq.build-report", version=1, options=dataclasses.asdict(opts), policy=plan_policy(plan),
                   budget=dataclasses.asdict(budget), achieved=dataclasses.asdict(plan.achieved),
                   search=dict(final_error=sres.error, evaluations=sres.evaluations, front=sres.front,
-                              groups={n: ls for n, ls in groups.items()}),
+                              groups={n: ls for n, ls in groups.items()},
+                              **({} if given is None else dict(from_plan=str(opts.from_plan)))),
                   weight_copies=sum(len(v) for v in requests.values()),
                   # what the search constrains: the average bits (always), the copies' bits per
                   # parameter (with --memory-bits); the memory view below is what the plan needs
@@ -242,6 +310,10 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
         atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
     return report
 
+
+#: options that only steer the search (not used when a plan is given)
+SEARCH_ONLY_OPTIONS = ("beam", "search_samples", "policy", "pace", "search_sensitivity", "anchor", "search_score",
+                       "memory_bits", "max_segments", "device")
 
 #: bump when what a cached build stage holds changes
 BUILD_CACHE_VERSION = 4  # 3: memory-aware search (copy selection, completions), segment budget; 4: fixed chunk layout
@@ -291,10 +363,8 @@ class BuildCache:
         atomic_write(f, lambda tmp: save_file(tensors, str(tmp)))
 
     def load_search(self, graph):
-        from ..passes.annotations import annotate
-        from ..passes.analysis import layer_nodes
         from ..passes.plan import PrecisionPlan
-        from ..passes.search import LayerPrecision, SearchResult
+        from ..passes.search import SearchResult
 
         f = self._file("search.json")
         pf = self._file("plan.json")
@@ -310,12 +380,7 @@ class BuildCache:
             groups = {k: list(v) for k, v in d["groups"].items()}
         except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
             return None
-        group_of = {p: n for n, ls in groups.items() for p in ls}
-        for p, nodes in layer_nodes(graph).items():  # the annotations the search pass would have written
-            value = LayerPrecision(p, group_of.get(p, p), tuple(plan.precision(t, p).name
-                                                               for t in range(len(plan.assignment))))
-            for node in nodes:
-                annotate(node, value)
+        annotate_plan(graph, plan, groups)
         return plan, sres, groups
 
     def save_search(self, plan, sres, groups) -> None:
@@ -360,6 +425,39 @@ class BuildCache:
         f.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(f) as tmp:
             shutil.copyfile(src, tmp)
+
+
+#: the options a build's weight copies depend on (besides the plan)
+WEIGHT_OPTIONS = ("model", "target", "weights", "base", "rank", "group_size", "fisher_mix", "groups",
+                  "sensitivity_samples")
+
+
+def given_plan_differences(opts: BuildOptions) -> list[str]:
+    """Notes on the options of the build that wrote a given plan (its report.json beside it, when
+    there is one) that differ from these: the weight copies will differ from that build's."""
+    report = Path(opts.from_plan).parent / "report.json"
+    try:
+        then = json.loads(report.read_text())["options"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    now = dataclasses.asdict(opts)
+    diff = [f"{k} {then[k]!r} (now {now[k]!r})" for k in WEIGHT_OPTIONS if k in then and then[k] != now[k]]
+    return [f"note: {report} was built with " + ", ".join(diff) + "; the weight copies will differ from its"] if diff else []
+
+
+def annotate_plan(graph, plan, groups: dict[str, list[str]]) -> None:
+    """Write the ``adatsq.precision`` annotations the search pass would have written for ``plan``
+    (a cached or a given plan)."""
+    from ..passes.analysis import layer_nodes
+    from ..passes.annotations import annotate
+    from ..passes.search import LayerPrecision
+
+    group_of = {p: n for n, ls in groups.items() for p in ls}
+    for p, nodes in layer_nodes(graph).items():
+        value = LayerPrecision(p, group_of.get(p, p), tuple(plan.precision(t, p).name
+                                                           for t in range(len(plan.assignment))))
+        for node in nodes:
+            annotate(node, value)
 
 
 def plan_copy_bits(plan, params: dict) -> float:

@@ -379,7 +379,7 @@ def cmd_build(args) -> int:
                         fisher_mix=args.fisher_mix,
                         search_score=args.search_score, memory_bits=args.memory_bits,
                         max_segments=args.max_segments, lattice=args.lattice, groups=args.groups,
-                        device=args.device, cache_dir=args.cache)
+                        device=args.device, cache_dir=args.cache, from_plan=args.from_plan)
     opts.validate()  # bad input fails before any work
     tasks = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -396,11 +396,11 @@ def cmd_build(args) -> int:
 
         last: dict[str, int] = {}
         report = build(args.output, opts, log=console.print, progress=on_progress)
-    a, b = report["achieved"], report["budget"]
+    a, b, srch = report["achieved"], report["budget"], report["search"]
+    how = (f"given ({srch['from_plan']}, not searched)" if "from_plan" in srch else
+           f"search error {srch['final_error']:.3e} after {srch['evaluations']} step evaluations")
     console.print(f"plan: W{a['w_bits']:.3f} A{a['a_bits']:.3f} average (budget W{b['w_bits']:g} A{b['a_bits']:g}); "
-                  f"search error {report['search']['final_error']:.3e} after {report['search']['evaluations']} "
-                  f"step evaluations; {report['weight_copies']} weight copies, "
-                  f"{report['weights_bytes'] / 1e6:.2f} MB")
+                  f"{how}; {report['weight_copies']} weight copies, {report['weights_bytes'] / 1e6:.2f} MB")
     con = report.get("constraints", {})
     if con.get("memory_bits") is not None:
         console.print(f"memory: the plan's weight copies take {con['plan_memory_bits']:.3f} bits per parameter "
@@ -411,7 +411,8 @@ def cmd_build(args) -> int:
     console.print(f"deployed weights: {mem['total_bytes'] / 1e6:.2f} MB ({mem['ratio_to_fp16']:.2f}x the 16-bit "
                   f"model's {mem['fp16_model_bytes'] / 1e6:.2f} MB; low-rank branches {mem['low_rank_and_smoothing_bytes'] / 1e6:.2f} MB)")
     console.print("seconds by stage: " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()))
-    console.print(f"wrote {args.output}/plan.json, weights.safetensors, report.json, plan.png, pareto.png")
+    console.print(f"wrote {args.output}/plan.json, weights.safetensors, report.json, plan.png"
+                  + ("" if "from_plan" in srch else ", pareto.png"))
     return 0
 
 
@@ -786,6 +787,11 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--no-anchor", action="store_true",
                     help="do not keep the uniform policy at the budget in the beam (ablation)")
     pb.add_argument("--cache", metavar="DIR", help="analysis cache (default $ADATSQ_CACHE or ~/.cache/adatsq/analysis)")
+    pb.add_argument("--from-plan", metavar="PLAN.json",
+                    help="build this precision plan (e.g. a committed BUILD/plan.json) instead of searching one: "
+                         "analysis, base and weight copies as usual; its lattice and budget unless given. The "
+                         "weights equal the original build's when --target/--weights/--base/--rank/--group-size/"
+                         "--fisher-mix/--groups/--sensitivity-samples match it (its report.json lists them)")
     pb.set_defaults(func=cmd_build)
 
     pa = sub.add_parser("analyze", help="analysis passes on the FP trajectory: Fisher, statistics, Hessians, "

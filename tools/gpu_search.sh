@@ -9,6 +9,9 @@
 #                                configuration (below) into out/gs/NAME-sSAMPLES, given up after SECONDS
 #                                -> $OUT/NAME-sSAMPLES.tgz (plan, report, plots, weights: a few MB on
 #                                flux-fmnist; untar into out/gs to carry them into a later call)
+#   plan:NAME                    `adatsq build --from-plan` of the committed plan benchmarks/results/builds/NAME
+#                                (its weights made on the machine's CPUs, with its build's weight options)
+#                                into out/gs/NAME (not sent back: $OUT holds at most 8 files)
 #   eval:N:SEED:TAG[:GLOB[:none]]  the builds out/gs/GLOB (default all) and SVDQuant-like W4A4 and W3A3
 #                                (not with :none) on seeds SEED..SEED+N-1; every plan is paired with
 #                                SVDQuant-like at its budget, from this or an earlier eval's samples
@@ -57,6 +60,10 @@ for stage in "$@"; do
       else
         echo "$name: not built within $c s"; rm -rf "out/gs/$name"
       fi ;;
+    plan)
+      src=benchmarks/results/builds/$a
+      wopts=$(python3 -c "import json,sys; o=json.load(open(sys.argv[1]))['options']; print(' '.join(f'--{k.replace(\"_\", \"-\")} {o[k]}' for k in ('target', 'weights', 'base', 'rank', 'group_size', 'fisher_mix', 'groups', 'sensitivity_samples')))" "$src/report.json") || continue
+      python3 -m adatsq build flux-fmnist --from-plan "$src/plan.json" -o "out/gs/$a" $wopts 2>&1 | quiet | tail -4 ;;
     eval)
       plans=(); pairs=()
       for p in out/gs/${d:-*}/; do

@@ -482,13 +482,51 @@ if HAVE_TRITON:
 if HAVE_TRITON:
 
     @triton.jit
-    def _unpack_w4_kernel(p_ptr, out_ptr, n_bytes, BLOCK: tl.constexpr):
-        """pack_int4 bytes -> int8 codes x 16 in k order (the large-M W4A8 path's scratch)."""
+    def _unpack_w4_kernel(p_ptr, out_ptr, n_bytes, BLOCK: tl.constexpr, FP8: tl.constexpr = False):
+        """pack_int4 bytes -> codes x 16 in k order, int8 or (``FP8``) float8 E4M3 (the large-M
+        W4A8 paths' scratch; -128..112 in steps of 16 are exact in E4M3)."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         p = tl.load(p_ptr + offs, mask=offs < n_bytes, other=0).to(tl.int32)
         w = tl.reshape(tl.join((p << 4).to(tl.int8), (p & 0xF0).to(tl.int8)), (2 * BLOCK,))
+        if FP8:
+            w = w.to(tl.float32).to(tl.float8e4nv)
         offs2 = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
         tl.store(out_ptr + offs2, w, mask=offs2 < 2 * n_bytes)
+
+    @triton.jit
+    def _w4_gemv_kernel(x_ptr, w_ptr, c_ptr, ws_ptr, bias_ptr, M, N, K, KB, stride_xm, stride_wn, stride_cm,
+                        stride_sn, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr):
+        """W4A16 for a few rows (batch-1 adaLN linears): one program per (BLOCK_N outputs, row),
+        the packed bytes read once per row (L2 serves the other rows), float32 products of the
+        16x codes and the even/odd inputs of each byte, summed per output (per group with groups:
+        times the group's kernel scale), times the channel's kernel scale, plus the bias."""
+        pid_n = tl.program_id(0)
+        m = tl.program_id(1).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        offs_n64 = offs_n.to(tl.int64)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for kb0 in range(0, KB, BLOCK_KB):  # KB = K / 2 packed bytes a row
+            offs_b = kb0 + tl.arange(0, BLOCK_KB)
+            bmask = offs_b < KB
+            p = tl.load(w_ptr + offs_n64[:, None] * stride_wn + offs_b[None, :],
+                        mask=nmask[:, None] & bmask[None, :], other=0).to(tl.int32)
+            lo = (p << 4).to(tl.int8).to(tl.float32)
+            hi = (p & 0xF0).to(tl.int8).to(tl.float32)
+            xe = tl.load(x_ptr + m * stride_xm + 2 * offs_b, mask=bmask, other=0.0).to(tl.float32)
+            xo = tl.load(x_ptr + m * stride_xm + 2 * offs_b + 1, mask=bmask, other=0.0).to(tl.float32)
+            part = lo * xe[None, :] + hi * xo[None, :]
+            if GROUP > 0:
+                gs = tl.load(ws_ptr + offs_n64[:, None] * stride_sn + (2 * offs_b[None, :]) // GROUP,
+                             mask=nmask[:, None] & bmask[None, :], other=0.0)
+                part = part * gs
+            acc += tl.sum(part, axis=1)
+        if GROUP == 0:
+            acc = acc * tl.load(ws_ptr + offs_n64 * stride_sn, mask=nmask, other=0.0)
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + offs_n, mask=nmask, other=0.0)
+        tl.store(c_ptr + m * stride_cm + offs_n, acc.to(c_ptr.dtype.element_ty), mask=nmask)
 
 
 # ============================================================================ configs + autotune
@@ -517,6 +555,14 @@ W4A8_CONFIGS = [
 W4A16_CONFIGS = [
     _cfg(128, 128, 64, 8, 4, SWAP=False),
     _cfg(128, 128, 64, 8, 4, SWAP=True),
+]
+#: the W4A16 GEMV (rows <= W4A16_GEMV_MAX_M): outputs per program x packed bytes per K step
+#: (untuned guesses, to be swept on the H100: docs/kernels.md)
+W4_GEMV_CONFIGS = [
+    dict(BLOCK_N=64, BLOCK_KB=128, num_warps=4, num_stages=3),
+    dict(BLOCK_N=32, BLOCK_KB=256, num_warps=4, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_KB=64, num_warps=4, num_stages=3),
+    dict(BLOCK_N=16, BLOCK_KB=512, num_warps=4, num_stages=2),
 ]
 
 
@@ -566,6 +612,8 @@ def _tuned(name: str):
     if name == "w4a16":
         return _autotune(W4A16_CONFIGS, ["M", "N", "K", "GROUP", "HAS_BIAS", "EVEN_K"], prune=_prune_group)(
             _w4_gemm_kernel)
+    if name == "w4_gemv":
+        return _autotune(W4_GEMV_CONFIGS, ["M", "N", "K", "GROUP", "HAS_BIAS"])(_w4_gemv_kernel)
     raise KeyError(name)
 
 
@@ -804,15 +852,57 @@ def _w4_launch(a, pw: PackedInt4Weight, a_scales, act_int8: bool, out_dtype):
     return out
 
 
+#: W4A16 with at most this many rows runs the GEMV kernel (batch-1 adaLN / embedder linears: the
+#: packed weight is read once per row instead of padding the rows to a 128-row tensor-core tile)
+W4A16_GEMV_MAX_M = 16
+
+
+def _w4_gemv_launch(x2: torch.Tensor, pw: PackedInt4Weight, out_dtype, config: dict | None = None) -> torch.Tensor:
+    """The W4A16 GEMV on ``x2 [M, K]`` (any device Triton runs on, its interpreter included);
+    ``config`` (BLOCK_N, BLOCK_KB, num_warps, num_stages) skips the autotuner."""
+    m, k = x2.shape
+    n = pw.n
+    out = torch.empty((m, n), device=x2.device, dtype=out_dtype)
+    if m == 0:
+        return out
+    ks = pw.kernel_scales.to(x2.device).reshape(n, -1).contiguous()
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    bias = pw.bias
+    args = (x2, pw.packed.view(torch.int8), out, ks, bias if bias is not None else ks, m, n, k, k // 2,
+            x2.stride(0), pw.packed.stride(0), out.stride(0), ks.stride(0))
+    flags = dict(GROUP=pw.group_size or 0, HAS_BIAS=bias is not None)
+    if config is not None:
+        c = dict(config)
+        bn = c["BLOCK_N"]
+        _w4_gemv_kernel[(triton.cdiv(n, bn), m)](*args, **flags, **c)
+    else:
+        _tuned("w4_gemv")[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)](*args, **flags)
+    return out
+
+
+def _unpack_w4_launch(weight: PackedInt4Weight, fp8: bool) -> torch.Tensor:
+    out = torch.empty((weight.n, weight.k), device=weight.packed.device,
+                      dtype=torch.float8_e4m3fn if fp8 else torch.int8)
+    nb = weight.packed.numel()
+    block = 4096
+    _unpack_w4_kernel[(triton.cdiv(nb, block),)](weight.packed, out, nb, BLOCK=block, FP8=fp8, num_warps=8)
+    return out
+
+
+def unpack_w4_fp8(weight: PackedInt4Weight) -> torch.Tensor:
+    """The INT4 codes x 16 as a float8_e4m3fn ``[N, K]`` tensor (exact: -128..112 in steps of 16);
+    with ``weight.kernel_scales`` it is an FP8 weight of the same values (one memory-bound Triton
+    pass on the GPU)."""
+    if weight.packed.is_cuda and HAVE_TRITON:
+        return _unpack_w4_launch(weight, fp8=True)
+    return (weight.codes().float() * 16).to(torch.float8_e4m3fn)
+
+
 def unpack_w4_int8(weight: PackedInt4Weight) -> torch.Tensor:
     """The INT4 codes x 16 as an int8 ``[N, K]`` tensor (one memory-bound Triton pass on the GPU);
     with ``weight.kernel_scales`` it is an INT8 weight of the same values."""
     if weight.packed.is_cuda and HAVE_TRITON:
-        out = torch.empty((weight.n, weight.k), device=weight.packed.device, dtype=torch.int8)
-        nb = weight.packed.numel()
-        block = 4096
-        _unpack_w4_kernel[(triton.cdiv(nb, block),)](weight.packed, out, nb, BLOCK=block, num_warps=8)
-        return out
+        return _unpack_w4_launch(weight, fp8=False)
     return (weight.codes().to(torch.int16) * 16).to(torch.int8)
 
 
@@ -874,7 +964,42 @@ def w4a16_linear(x: torch.Tensor, weight: PackedInt4Weight, out_dtype: torch.dty
         return _w4_ref(x2, weight, False, dtype).reshape(*x.shape[:-1], n)
     if x2.dtype not in (torch.bfloat16, torch.float16):
         x2 = x2.to(torch.bfloat16)
+    if x2.shape[0] <= W4A16_GEMV_MAX_M:
+        return _w4_gemv_launch(x2, weight, dtype).reshape(*x.shape[:-1], n)
     return _w4_launch(x2, weight, None, False, dtype).reshape(*x.shape[:-1], n)
+
+
+def w4f8_linear(x: torch.Tensor, weight: PackedInt4Weight, out_dtype: torch.dtype | None = None,
+                backend: str = "auto") -> torch.Tensor:
+    """INT4 weights x per-token FP8 E4M3 activations (FP8 tensor-core math): the W4A8 lattice point
+    on the FP8 GEMM, which Hopper runs 1.2-1.4x faster than our INT8 GEMM (docs/kernels.md). Equals
+    ``fake_quant_tokens_fp8(x.float()) @ weight.dequantize().T + bias`` up to float rounding.
+    Per-channel weights only (``_scaled_mm`` takes one scale per output channel)."""
+    n, k = weight.shape
+    x2 = _rows(x, k)
+    dtype = _out_dtype(x, out_dtype)
+    triton_ok = _use_triton(x2, backend, fp8=True)
+    codes, scales = _quantize_rows_triton(x2, fp8=True) if triton_ok else _quantize_tokens_ref(x2, fp8=True)
+    return w4f8_gemm(codes, scales, weight, dtype, backend="auto" if triton_ok else "torch").reshape(*x.shape[:-1], n)
+
+
+def w4f8_gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, weight: PackedInt4Weight,
+              out_dtype: torch.dtype = torch.bfloat16, backend: str = "auto") -> torch.Tensor:
+    """The GEMM of :func:`w4f8_linear` on FP8 activations already quantized per token: the INT4
+    weight expanded to an FP8 scratch (one memory-bound pass; the weight stays INT4 in memory), then
+    ``torch._scaled_mm`` with the per-token and per-channel (``kernel_scales``) scales."""
+    n, k = weight.shape
+    if weight.group_size is not None:
+        raise ValueError("w4f8 takes per-channel INT4 weights (pack_w4 with group_size=None)")
+    if a_codes.dim() != 2 or a_codes.shape[1] != k or a_codes.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"w4f8_gemm needs float8_e4m3fn codes [M, {k}], got {a_codes.dtype} {tuple(a_codes.shape)}")
+    a_scales = a_scales.reshape(-1).float()
+    if backend == "torch" or not (fp8_supported(a_codes.device) and HAVE_TRITON):
+        if backend == "triton":
+            raise KernelUnavailable("w4f8_gemm needs triton and a CUDA GPU with FP8 (compute capability 8.9+)")
+        return _ref_dq_mm(a_codes.double() * a_scales.double()[:, None], weight, out_dtype)
+    w8 = PackedFP8Weight(unpack_w4_fp8(weight), weight.kernel_scales.reshape(n).contiguous(), weight.bias)
+    return _scaled_mm_rowwise(a_codes, a_scales, w8, out_dtype)
 
 
 def warm_up(shapes, device="cuda", formats=("w8a8", "fp8", "w4a8", "w4a16"), group_size=None) -> None:

@@ -46,10 +46,13 @@ from ..errors import InputError
 
 #: lattice points the runtime executes: (w_bits, a_bits) -> kernel
 KERNELS = {(8, 8): "w8a8", (4, 8): "w4a8", (4, 16): "w4a16"}
-#: kernels of a layer: these plus "fp8" (FP8 E4M3 W8A8; :func:`lower_linears` only) and "fp" (16-bit)
-KINDS = ("w8a8", "w4a8", "w4a16", "fp8", "fp")
+#: kernels of a layer: these plus "fp8" (FP8 E4M3 W8A8), "w4f8" (INT4 weights, FP8 E4M3 activations
+#: and FP8 math; both :func:`lower_linears` only) and "fp" (16-bit)
+KINDS = ("w8a8", "w4a8", "w4a16", "fp8", "w4f8", "fp")
 #: kernels that take per-token INT8 activations (one quantization serves every one of them)
 INT8_ACT = frozenset({"w8a8", "w4a8"})
+#: kernels that take per-token FP8 E4M3 activations
+FP8_ACT = frozenset({"fp8", "w4f8"})
 
 #: PlanLinear instances by uid, for the custom ops (weak: a dropped runtime frees its layers)
 _LAYERS: list[weakref.ref] = []
@@ -82,6 +85,17 @@ def _int_linear_op(codes: torch.Tensor, scales: torch.Tensor, uid: int, out_dtyp
 @_int_linear_op.register_fake
 def _(codes, scales, uid, out_dtype):
     return codes.new_empty((codes.shape[0], _layer(uid).out_features), dtype=out_dtype)
+
+
+@torch.library.custom_op("adatsq::fp8_act_linear", mutates_args=())
+def _fp8_act_linear_op(codes: torch.Tensor, scales: torch.Tensor, uid: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """A lowered layer whose precisions all take FP8 activations (fp8, w4f8), on quantized activations."""
+    return _layer(uid)._run_fp8(codes, scales, out_dtype)
+
+
+@_fp8_act_linear_op.register_fake
+def _(codes, scales, uid, out_dtype):
+    return scales.new_empty((codes.shape[0], _layer(uid).out_features), dtype=out_dtype)
 
 
 class PlanLinear(nn.Module):
@@ -125,16 +139,19 @@ class PlanLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
-        if not (kinds <= INT8_ACT or kinds == {"fp8"}):  # the op smooths and adds the branch itself
+        if not (kinds <= INT8_ACT or kinds <= FP8_ACT):  # the op smooths and adds the branch itself
             return torch.ops.adatsq.plan_linear(x2, self.uid).reshape(*lead, self.out_features)
         xs = x2 / self.smooth if self.smooth is not None else x2
         compiling = torch.compiler.is_compiling()
-        if kinds == {"fp8"}:
-            _, packed = next(iter(self.variants.values()))
+        if kinds <= FP8_ACT:
             codes, scales = (kernels._quantize_tokens_ref(xs, fp8=True) if compiling  # plain ops: fused
                              else kernels.quantize_tokens_fp8(xs))
-            y = (kernels._scaled_mm_rowwise(codes, scales.float(), packed, x.dtype) if self._fp8_gpu
-                 else kernels.fp8_gemm(codes, scales, packed, x.dtype, backend="torch"))
+            if kinds == {"fp8"}:  # one FP8 copy: the GEMM itself is traceable
+                _, packed = next(iter(self.variants.values()))
+                y = (kernels._scaled_mm_rowwise(codes, scales.float(), packed, x.dtype) if self._fp8_gpu
+                     else kernels.fp8_gemm(codes, scales, packed, x.dtype, backend="torch"))
+            else:
+                y = torch.ops.adatsq.fp8_act_linear(codes, scales.float(), self.uid, x.dtype)
         else:
             codes, scales = (kernels._quantize_tokens_ref(xs, fp8=False) if compiling
                              else kernels.quantize_tokens_int8(xs))
@@ -164,9 +181,19 @@ class PlanLinear(nn.Module):
             y = kernels.w4a8_linear(xs, packed, out_dtype=x.dtype)
         elif kind == "fp8":
             y = kernels.fp8_linear(xs, packed, out_dtype=x.dtype)
+        elif kind == "w4f8":
+            y = kernels.w4f8_linear(xs, packed, out_dtype=x.dtype)
         else:
             y = kernels.w4a16_linear(xs, packed, out_dtype=x.dtype)
         return self._branch(y, xs)
+
+    def _run_fp8(self, codes: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        from . import kernels
+
+        kind, packed = self.current()
+        if kind == "fp8":
+            return kernels.fp8_gemm(codes, scales, packed, out_dtype)
+        return kernels.w4f8_gemm(codes, scales, packed, out_dtype)
 
     def _run_int(self, codes: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         from . import kernels
@@ -287,7 +314,8 @@ def lower_linears(transformer: nn.Module, kernels_per_step: Mapping[str, Sequenc
     """Lower Linear layers by name to :class:`PlanLinear` with round-to-nearest weights packed from
     the layers' own weights, where they are (no build needed: a synthetic or hand-written plan, e.g.
     for speed measurements): ``kernels_per_step[name][k]`` is the kernel of step ``k``, one of
-    :data:`KINDS` (``fp8``: FP8 E4M3 weights per channel and per-token FP8 activations)."""
+    :data:`KINDS` (``fp8``: FP8 E4M3 weights per channel and per-token FP8 activations; ``w4f8``: INT4
+    weights per channel, per-token FP8 activations, FP8 math)."""
     from . import kernels
 
     mods = dict(transformer.named_modules())
@@ -313,6 +341,8 @@ def lower_linears(transformer: nn.Module, kernels_per_step: Mapping[str, Sequenc
                 variants[kind] = (kind, kernels.pack_w8a8(w.float(), bias))
             elif kind == "fp8":
                 variants[kind] = (kind, kernels.pack_fp8(w, bias))
+            elif kind == "w4f8":  # _scaled_mm takes one weight scale per channel: no groups
+                variants[kind] = (kind, kernels.pack_w4(w.float(), None, bias))
             else:
                 variants[kind] = (kind, kernels.pack_w4(w.float(), group_size, bias))
         layers[name] = PlanLinear(mod, variants, per_step, clock)

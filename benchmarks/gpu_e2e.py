@@ -18,6 +18,9 @@ compiler caches, so preparation times are cold; freed memory between variants):
 * ``mixed``: a timestep-dynamic INT4/INT8 plan (below), one compiled graph for every step (the
   step is data: ``backends/torch_runtime.py``); its latency is the mean over the plan's steps of
   the latencies of its segments;
+* ``mixed-fp8``: the synthetic mixed plan on FP8 math: its W4A8 layers run INT4 weights with FP8
+  E4M3 activations (``w4f8``: the weight expanded to an FP8 scratch, ``torch._scaled_mm``) and its
+  W8A8 layers FP8 (same weight memory as ``mixed``);
 * ``torchao-fp8``: torchao's ``Float8DynamicActivationFloat8WeightConfig(PerRow())`` on the same
   linears, then ``torch.compile`` (the peer), with a time limit (its compilation was measured at
   393 s on 4 + 8 blocks).
@@ -57,7 +60,7 @@ import torch
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_attention_heads=24, attention_head_dim=128,
                 joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                 axes_dims_rope=(16, 56, 56))
-VARIANTS = ("bf16", "int8", "fp8", "mixed", "torchao-fp8")
+VARIANTS = ("bf16", "int8", "fp8", "mixed", "mixed-fp8", "torchao-fp8")
 
 
 # =========================================================================== the model
@@ -108,16 +111,19 @@ def block_linears(model) -> list[str]:
             and (n.startswith("transformer_blocks.") or n.startswith("single_transformer_blocks."))]
 
 
-def synthetic_plan(names, steps: int, int8_steps: int) -> dict[str, tuple[str, ...]]:
+def synthetic_plan(names, steps: int, int8_steps: int, fp8: bool = False) -> dict[str, tuple[str, ...]]:
+    """adaLN W4A16; MLP W4A8; attention W8A8 for ``int8_steps`` then W4A8. ``fp8``: the same lattice
+    points with FP8 E4M3 activations and FP8 math (``w4f8``, ``fp8``) instead of INT8."""
+    w4a8, w8a8 = ("w4f8", "fp8") if fp8 else ("w4a8", "w8a8")
     plan = {}
     for n in names:
         r = role(n)
         if r == "adaln":
             plan[n] = ("w4a16",) * steps
         elif r == "mlp":
-            plan[n] = ("w4a8",) * steps
+            plan[n] = (w4a8,) * steps
         else:
-            plan[n] = ("w8a8",) * int8_steps + ("w4a8",) * (steps - int8_steps)
+            plan[n] = (w8a8,) * int8_steps + (w4a8,) * (steps - int8_steps)
     return plan
 
 
@@ -175,7 +181,7 @@ def cuda_ms(fn, warmup: int, reps: int) -> list[float]:
 KERNEL_CATEGORIES = (
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")),
     ("quantization", ("quant_rows", "amax", "_unpack", "unpack_int4")),
-    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "_scaled_mm", "sm90_", "cublas", "matmul", "_mm_")),
+    ("gemm", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "_scaled_mm", "sm90_", "cublas", "matmul", "_mm_")),
 )
 
 
@@ -243,8 +249,10 @@ def run_variant(args) -> dict:
     clock = StepClock(args.steps)
     segments = {"all": [0]}
     t0 = time.perf_counter()
-    if args.variant in ("int8", "fp8", "mixed"):
-        if args.variant == "mixed":
+    if args.variant in ("int8", "fp8", "mixed", "mixed-fp8"):
+        if args.variant == "mixed-fp8":
+            plan = synthetic_plan(names, args.steps, args.int8_steps, fp8=True)
+        elif args.variant == "mixed":
             plan = (mapped_plan(names, args.steps, args.plan) if args.plan
                     else synthetic_plan(names, args.steps, args.int8_steps))
         else:
@@ -257,7 +265,8 @@ def run_variant(args) -> dict:
         segments = {f"seg{i}": ks for i, ks in enumerate(seg_of.values())}
         row["plan"] = {"kinds": sorted({x for p in plan.values() for x in p}),
                        "segments": {s: ks for s, ks in segments.items()},
-                       "source": args.plan or ("synthetic" if args.variant == "mixed" else args.variant)}
+                       "source": (args.plan if args.variant == "mixed" and args.plan else
+                                  "synthetic" if args.variant.startswith("mixed") else args.variant)}
     elif args.variant == "torchao-fp8":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 

@@ -48,6 +48,10 @@ FLUX_SHAPES = [  # (M tokens, N, K): Flux-dev 1024x1024 (4096 image + 512 text t
 ]
 
 
+ADALN_SHAPES = [  # batch 1: Flux-dev's adaLN modulation linears (double / single blocks), W4A16's GEMV
+    (1, 18432, 3072),
+    (1, 9216, 3072),
+]
 SMALL_M_SHAPES = [  # few tokens: weight traffic matters (W4A16's case)
     (256, 21504, 3072),
     (256, 3072, 15360),
@@ -265,6 +269,9 @@ def run_shape(m, n, k, args, sweep_rows):
             record("w4a8_fused", lambda: K.w4a8_linear(x, pw, impl="fused"), lambda: xq8 @ deq.T)
             record("w4a8_unpack", lambda: K.w4a8_linear(x, pw, impl="unpack"), lambda: xq8 @ deq.T)
             record("w4_unpack_pass", lambda: K.unpack_w4_int8(pw), gemm_flops=False)
+            record("w4f8", lambda: K.w4f8_linear(x, pw),
+                   lambda: fake_quant_tokens_fp8(x.float()).double() @ deq.T, vs_bf16=True)
+            record("w4_unpack_fp8_pass", lambda: K.unpack_w4_fp8(pw), gemm_flops=False)
             record("w4a8_mm", lambda: K._w4_launch(a, pw, a_s, True, torch.bfloat16),
                    lambda: ((a.double() @ pw.codes().double().T) * a_s.double()[:, None]
                             * pw.scales.double().reshape(1, -1)))
@@ -284,7 +291,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--sweep", action="store_true", help="also time every candidate config alone")
-    ap.add_argument("--shapes", default="flux", help="';'-separated: 'flux', 'small' or M,N,K")
+    ap.add_argument("--shapes", default="flux", help="';'-separated: 'flux', 'small', 'adaln' or M,N,K")
     ap.add_argument("--inner", type=int, default=10)
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args(argv)
@@ -293,7 +300,8 @@ def main(argv=None) -> int:
         return 2
     shapes = []
     for part in args.shapes.split(";"):
-        shapes += FLUX_SHAPES if part == "flux" else SMALL_M_SHAPES if part == "small" else [
+        shapes += FLUX_SHAPES if part == "flux" else SMALL_M_SHAPES if part == "small" else \
+            ADALN_SHAPES if part == "adaln" else [
             tuple(int(v) for v in part.split(","))]
     import triton
 
@@ -318,7 +326,7 @@ def main(argv=None) -> int:
             with open(args.json, "w") as f:
                 json.dump({"meta": meta, "results": results, "sweep": sweep_rows}, f, indent=1)
     names = ["bf16", "int8_gemm", "quant_int8", "w8a8", "fp8_mm", "fp8", "w4a8_mm", "w4a8_fused", "w4a8_unpack",
-             "w4a8", "w4a8_g128", "w4a16", "w4a16_g128"]
+             "w4a8", "w4a8_g128", "w4f8", "w4a16", "w4a16_g128"]
     print(f"\n{meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}")
     print("ms (speed-up vs bf16) [max rel err vs reference]")
     for res in results:

@@ -86,6 +86,17 @@ def test_unpack_w4_int8_reference():
     assert torch.equal(K.unpack_w4_int8(pw).to(torch.int32), pw.codes().to(torch.int32) * 16)
 
 
+def test_unpack_w4_fp8_reference_is_exact():
+    """Every 16x INT4 code (-128..112 in steps of 16) is exact in E4M3: the FP8 scratch of w4f8
+    holds the same weight as the INT8 one."""
+    pw = K.pack_w4(_w(8, 64))
+    w8 = K.unpack_w4_fp8(pw)
+    assert w8.dtype == torch.float8_e4m3fn
+    assert torch.equal(w8.float(), pw.codes().float() * 16)
+    every = torch.arange(-8, 8, dtype=torch.float32) * 16
+    assert torch.equal(every.to(torch.float8_e4m3fn).float(), every)
+
+
 def test_pack_w4_nibble_trick_is_16x_the_codes():
     """What the kernel computes from each byte: ``byte << 4`` and ``byte & 0xF0`` as int8."""
     codes = torch.arange(-8, 8).repeat(2).reshape(2, 16).to(torch.int8)
@@ -182,6 +193,20 @@ def test_fp8_linear_reference_matches_fake_quant_matmul():
     out = K.fp8_linear(x, K.pack_fp8(w, bias=torch.ones(24)))
     ref = fake_quant_tokens_fp8(x).double() @ fake_quant_weight_fp8(w).double().T + 1
     assert _rel(out, ref) < 1e-6
+
+
+def test_w4f8_linear_reference_matches_fake_quant_matmul():
+    x = _x(13, 128, seed=11)
+    w = _w(24, 128, seed=12)
+    bias = torch.randn(24, generator=torch.Generator().manual_seed(3))
+    out = K.w4f8_linear(x, K.pack_w4(w, None, bias))
+    ref = fake_quant_tokens_fp8(x).double() @ quantize_weight(w, 4).dequantize().double().T + bias.double()
+    assert _rel(out, ref) < 1e-6
+    assert _rel(out, x.double() @ w.double().T + bias.double()) > 1e-3  # the quantization is real
+    with pytest.raises(ValueError, match="per-channel"):
+        K.w4f8_linear(x, K.pack_w4(w, 64))
+    with pytest.raises(ValueError, match="float8_e4m3fn codes"):
+        K.w4f8_gemm(torch.zeros(2, 128, dtype=torch.int8), torch.ones(2), K.pack_w4(w))
 
 
 def test_backend_argument():
@@ -328,3 +353,83 @@ def test_gpu_kernels_match_cpu_runtime():
         cpu = fn(x.float(), pw, out_dtype=torch.float32)
         gpu = fn(x.cuda(), pw.to("cuda"), out_dtype=torch.float32)
         assert _rel(gpu, cpu) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 16, 17])
+@pytest.mark.parametrize("group", [None, 64])
+def test_gpu_w4a16_gemv_rows_match_reference(m, group):
+    """Up to W4A16_GEMV_MAX_M rows take the GEMV kernel (17 the tensor-core GEMM): both equal the
+    reference; the GEMV sums exact float32 products, so it is within float32 rounding even with groups."""
+    _needs_triton_gpu()
+    n, k = 1000, 3072 + 64  # N not a multiple of any BLOCK_N; K/2 not a multiple of any BLOCK_KB
+    x = _x(m, k, seed=m, dtype=torch.bfloat16, device="cuda")
+    w = _w(n, k, seed=5, device="cuda")
+    bias = torch.randn(n, device="cuda")
+    pw = K.pack_w4(w, group, bias)
+    ref = x.double() @ quantize_weight(w, 4, group).dequantize().double().T + bias.double()
+    _poison(m, n, torch.float32)
+    out = K.w4a16_linear(x, pw, out_dtype=torch.float32, backend="triton")
+    gemv = m <= K.W4A16_GEMV_MAX_M
+    assert _rel(out, ref) < (1e-5 if gemv or group is None else 4e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [(1, 256, 256), (77, 384, 512), (1024, 512, 1024), (4608, 3072, 3072)])
+def test_gpu_w4f8_linear_matches_reference(m, n, k):
+    _needs_triton_gpu()
+    if not K.triton_available(fp8=True):
+        pytest.skip("FP8 needs compute capability 8.9+")
+    x = _x(m, k, seed=7, dtype=torch.bfloat16, device="cuda")
+    w = _w(n, k, seed=8, device="cuda")
+    bias = torch.randn(n, device="cuda")
+    pw = K.pack_w4(w, None, bias)
+    assert torch.equal(K.unpack_w4_fp8(pw).float().cpu(), pw.codes().float().cpu() * 16)
+    out = K.w4f8_linear(x, pw, backend="triton")
+    ref = fake_quant_tokens_fp8(x.float()).double() @ quantize_weight(w, 4).dequantize().double().T + bias.double()
+    err = out.double().cpu() - ref.cpu()
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    assert float(err.norm() / ref.norm()) < 4e-3  # as fp8_linear: bf16 output, FP8 tensor-core sums
+    assert _rel(out, ref) < 3e-2
+
+
+def test_triton_kernels_in_the_interpreter():
+    """The GEMV and the FP8 unpack kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, a
+    subprocess: the flag must be set before the kernels are defined) against the reference ops.
+    Skipped where triton is not installed (CI); a machine with triton runs it without a GPU:
+    ``pip install --target /tmp/t triton==3.6.0 numpy==2.3.5; PYTHONPATH=/tmp/t pytest -k interpreter``."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("needs triton (pip install triton: runs in its CPU interpreter)")
+    if tuple(int(v) for v in np.__version__.split(".")[:2]) >= (2, 4):
+        # triton 3.6's interpreter converts 1-element arrays with int(), which numpy 2.4 refuses
+        pytest.skip("Triton's interpreter needs numpy < 2.4 (e.g. PYTHONPATH with numpy 2.3)")
+    script = """
+import torch
+from adatsq.backends import kernels as K
+from adatsq.passes.quant import quantize_weight
+assert K.HAVE_TRITON
+g = torch.Generator().manual_seed(0)
+for group in (None, 64):
+    for m, n, k in ((1, 70, 256), (3, 40, 320)):
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+        w = torch.randn(n, k, generator=g) * 0.05
+        pw = K.pack_w4(w, group, torch.randn(n, generator=g))
+        ref = x.double() @ quantize_weight(w, 4, group).dequantize().double().T + pw.bias.double()
+        for cfg in K.W4_GEMV_CONFIGS:
+            out = K._w4_gemv_launch(x, pw, torch.float32, config=cfg)
+            err = float((out.double() - ref).abs().max() / ref.abs().max())
+            assert err < 1e-5, (group, m, n, k, cfg, err)
+pw = K.pack_w4(torch.randn(24, 128, generator=g))
+for fp8 in (False, True):
+    out = K._unpack_w4_launch(pw, fp8=fp8)
+    assert torch.equal(out.float(), pw.codes().float() * 16), fp8
+print("ok")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]

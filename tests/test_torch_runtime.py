@@ -211,3 +211,24 @@ def test_lower_linears_rejects_bad_input():
     with pytest.raises(InputError, match="steps"):
         lower_linears(block, {"q": ("fp",) * 3}, StepClock(4))
     assert type(block.q) is torch.nn.Linear  # untouched
+
+
+def test_e2e_benchmark_mixed_fp8_plan_is_the_mixed_plan_on_fp8_math():
+    """benchmarks/gpu_e2e.py's ``mixed-fp8`` variant: the synthetic mixed plan with each INT8-activation
+    kernel replaced by its FP8 twin (same weight widths, so the same weight memory)."""
+    import importlib.util
+    from pathlib import Path
+
+    from adatsq.backends.torch_runtime import KINDS
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_e2e.py"
+    spec = importlib.util.spec_from_file_location("gpu_e2e", path)
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+    names = ["transformer_blocks.0.norm1.linear", "transformer_blocks.0.attn.to_q", "transformer_blocks.0.ff.net.2",
+             "single_transformer_blocks.0.proj_mlp", "single_transformer_blocks.0.proj_out"]
+    base, fp8 = e2e.synthetic_plan(names, 6, 2), e2e.synthetic_plan(names, 6, 2, fp8=True)
+    twin = {"w4a8": "w4f8", "w8a8": "fp8", "w4a16": "w4a16"}
+    assert {k for p in fp8.values() for k in p} == {"w4a16", "w4f8", "fp8"} <= set(KINDS)
+    assert all(fp8[n] == tuple(twin[k] for k in base[n]) for n in names)
+    assert base["transformer_blocks.0.attn.to_q"] == ("w8a8",) * 2 + ("w4a8",) * 4

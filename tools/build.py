@@ -193,8 +193,10 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     aopts = AnalysisOptions(hessian="weighted", precisions=quantized, sensitivity_samples=opts.sensitivity_samples,
                             e2e_steps=0, groups=opts.groups)
     t = time.perf_counter()
+    # a given plan needs no sensitivity (nothing is searched): the trajectory, Fisher and Hessians only
     res = analyze(graph, calib, aopts, cache_dir=cache_root, log=log,
-                  progress=lambda stage, done, total: prog(f"analysis: {stage}", done, total))
+                  progress=lambda stage, done, total: prog(f"analysis: {stage}", done, total),
+                  **({} if given is None else dict(passes=("trajectory", "fisher", "stats"))))
     timings["analysis"] = time.perf_counter() - t
     # the build's own stages are cached beside the analysis, keyed by everything they depend on
     key = {k: v for k, v in dataclasses.asdict(opts).items()
@@ -227,10 +229,12 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     cached = stage_cache.load_search(graph) if given is None else None
     from_cache["search"] = cached is not None
     if given is not None:
-        from ..passes.search import SearchResult, sensitivity_table
+        from ..frontend.layers import LayerTable
+        from ..passes.analysis import layer_groups
+        from ..passes.search import SearchResult
 
         plan = given
-        groups, _ = sensitivity_table(graph, ())
+        groups = {g: list(ls) for g, ls in layer_groups(LayerTable.from_graph(graph), opts.groups).items()}
         annotate_plan(graph, plan, groups)
         sres = SearchResult(tuple(), None, plan.achieved, [], [], 0)
         log(f"search: skipped, the plan of {opts.from_plan}")

@@ -431,9 +431,9 @@ class BuildCache:
             shutil.copyfile(src, tmp)
 
 
-#: the options a build's weight copies depend on (besides the plan)
-WEIGHT_OPTIONS = ("model", "target", "weights", "base", "rank", "group_size", "fisher_mix", "groups",
-                  "sensitivity_samples")
+#: the options a build's weight copies depend on besides the plan (the budget: the base's smoothing
+#: is searched at its rounded bits)
+WEIGHT_OPTIONS = ("model", "target", "budget", "weights", "base", "rank", "group_size", "fisher_mix")
 
 
 def given_plan_differences(opts: BuildOptions) -> list[str]:

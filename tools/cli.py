@@ -790,8 +790,8 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--from-plan", metavar="PLAN.json",
                     help="build this precision plan (e.g. a committed BUILD/plan.json) instead of searching one: "
                          "analysis, base and weight copies as usual; its lattice and budget unless given. The "
-                         "weights equal the original build's when --target/--weights/--base/--rank/--group-size/"
-                         "--fisher-mix/--groups/--sensitivity-samples match it (its report.json lists them)")
+                         "weights equal the original build's when --target/--budget/--weights/--base/--rank/"
+                         "--group-size/--fisher-mix match it (its report.json lists them; differences are noted)")
     pb.set_defaults(func=cmd_build)
 
     pa = sub.add_parser("analyze", help="analysis passes on the FP trajectory: Fisher, statistics, Hessians, "

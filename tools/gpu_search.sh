@@ -62,7 +62,7 @@ for stage in "$@"; do
       fi ;;
     plan)
       src=benchmarks/results/builds/$a
-      wopts=$(python3 -c "import json,sys; o=json.load(open(sys.argv[1]))['options']; print(' '.join(f'--{k.replace(\"_\", \"-\")} {o[k]}' for k in ('target', 'weights', 'base', 'rank', 'group_size', 'fisher_mix', 'groups', 'sensitivity_samples')))" "$src/report.json") || continue
+      wopts=$(python3 -c "import json,sys; o=json.load(open(sys.argv[1]))['options']; print(' '.join(f'--{k.replace(\"_\", \"-\")} {o[k]}' for k in ('target', 'weights', 'base', 'rank', 'group_size', 'fisher_mix')))" "$src/report.json") || continue
       python3 -m adatsq build flux-fmnist --from-plan "$src/plan.json" -o "out/gs/$a" $wopts 2>&1 | quiet | tail -4 ;;
     eval)
       plans=(); pairs=()

@@ -200,3 +200,24 @@ def test_build_errors(tmp_path):
     r = run_cli("eval", "-n", "4", "--device", "tpu")
     assert r.returncode == 2 and "device 'tpu'" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
+
+
+def test_stage_progress_prints_quarter_lines_where_no_bar_is_drawn(monkeypatch):
+    """Long stages (eval, build, analyze, quantize) report progress in logs too: without a terminal a
+    line at each stage's first step and at each further quarter; a terminal gets the bar alone."""
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from adatsq.tools import cli
+
+    for terminal in (False, True):
+        buf = io.StringIO()
+        monkeypatch.setattr(cli, "console", Console(file=buf, force_terminal=terminal, width=100))
+        with Progress(console=cli.console, auto_refresh=False) as progress:
+            on_progress = cli.stage_progress(progress, lambda stage: f"sampling {stage}")
+            for done in range(1, 9):
+                on_progress("fp", done, 8)
+        lines = [ln.split(" ", 1)[1] for ln in buf.getvalue().splitlines() if ln[:2].isdigit() and ln[2:3] == ":"]
+        assert lines == ([] if terminal else [f"sampling fp: {d}/8" for d in (1, 2, 4, 6, 8)]), lines

@@ -20,7 +20,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from rich.console import Console
 from rich.table import Table
@@ -204,21 +204,35 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def stage_progress(progress, label: Callable[[str], str] = lambda stage: stage) -> Callable[[str, int, int], None]:
+    """A ``(stage, done, total)`` callback: one rich bar per stage; where the console is not a
+    terminal (a log file, CI, a device run) no bar is drawn, so it also prints a timestamped line at
+    each stage's first step and at every further quarter of it."""
+    tasks: dict[str, Any] = {}
+    last: dict[str, int] = {}
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(label(stage), total=total)
+        progress.update(tasks[stage], completed=done, total=total)
+        if not console.is_terminal:
+            quarter = 4 * done // max(total, 1)
+            if done == 1 or quarter > last.get(stage, 0):
+                last[stage] = quarter
+                progress.console.print(f"{time.strftime('%H:%M:%S')} {label(stage)}: {done}/{total}")
+
+    return on_progress
+
+
 def run_eval(cfg, judged=None):
     """:func:`~adatsq.tools.evaluate.evaluate` with a progress bar per variant."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from ..tools.evaluate import evaluate
 
-    tasks = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} "
                   "sample-steps"), TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
-        def on_progress(variant, done, total):
-            if variant not in tasks:
-                tasks[variant] = progress.add_task(f"sampling {variant}", total=total)
-            progress.update(tasks[variant], completed=done)
-
-        return evaluate(cfg, on_progress, judged)
+        return evaluate(cfg, stage_progress(progress, lambda variant: f"sampling {variant}"), judged)
 
 
 def cmd_eval(args) -> int:
@@ -319,9 +333,9 @@ def cmd_quantize(args) -> int:
         requests[p] = [(b, g) for b in bits]
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} copies"),
                   TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task(f"GPTQ ({args.hessian} Hessian)", total=sum(len(v) for v in requests.values()))
+        on_progress = stage_progress(progress, lambda stage: f"GPTQ ({args.hessian} Hessian)")
         wp = GPTQWeights(transformer, requests, args.output, hessian=args.hessian, options=opts,
-                         progress=lambda stage, done, total: progress.update(task, completed=done))
+                         progress=on_progress)
         wp(graph)
     from ..passes.annotations import get_annotation
     from ..passes.weights import WeightCopies
@@ -381,21 +395,9 @@ def cmd_build(args) -> int:
                         max_segments=args.max_segments, lattice=args.lattice, groups=args.groups,
                         device=args.device, cache_dir=args.cache, from_plan=args.from_plan)
     opts.validate()  # bad input fails before any work
-    tasks = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as progress:
-        def on_progress(stage, done, total):
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(stage, total=total)
-            progress.update(tasks[stage], completed=done, total=total)
-            if not console.is_terminal:  # a log file sees no live bars: a line per quarter of each stage
-                quarter = 4 * done // max(total, 1)
-                if done == 1 or quarter > last.get(stage, 0):
-                    last[stage] = quarter
-                    progress.console.print(f"{time.strftime('%H:%M:%S')} {stage}: {done}/{total}")
-
-        last: dict[str, int] = {}
-        report = build(args.output, opts, log=console.print, progress=on_progress)
+        report = build(args.output, opts, log=console.print, progress=stage_progress(progress))
     a, b, srch = report["achieved"], report["budget"], report["search"]
     how = (f"given ({srch['from_plan']}, not searched)" if "from_plan" in srch else
            f"search error {srch['final_error']:.3e} after {srch['evaluations']} step evaluations")
@@ -586,15 +588,9 @@ def cmd_analyze(args) -> int:
         graph = export_model(args.model)
     console.print(f"exported {graph.arch} in {time.perf_counter() - t0:.1f} s; calibration: {calib.num_samples} "
                   f"samples x {calib.num_steps} steps (cache: {cache or 'off'})")
-    tasks: dict = {}
     with Progress(TextColumn("{task.description:<22}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
-        def on_progress(stage, done, total):
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(stage, total=total)
-            progress.update(tasks[stage], completed=done, total=total)
-
-        result = analyze(graph, calib, opts, cache_dir=cache, progress=on_progress, log=console.print)
+        result = analyze(graph, calib, opts, cache_dir=cache, progress=stage_progress(progress), log=console.print)
     summary = result.summary()
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "analysis.json", json.dumps(summary, indent=1))

@@ -786,12 +786,18 @@ def fp8_linear(x: torch.Tensor, weight: PackedFP8Weight, out_dtype: torch.dtype 
     """FP8 E4M3 W8A8 linear: per-token FP8 quantization of ``x`` (Triton pass), then
     ``torch._scaled_mm`` with row-wise (per-token x per-channel) scales on the GPU. Equals
     ``fake_quant_tokens_fp8(x.float()) @ weight.dequantize().T + bias`` up to float rounding."""
+    return _fp8_act_linear(x, weight, out_dtype, backend, fp8_gemm)
+
+
+def _fp8_act_linear(x, weight, out_dtype, backend, gemm):
+    """Per-token FP8 quantization of ``x`` (the Triton pass where it runs, else the reference),
+    then ``gemm(codes, scales, weight, dtype, backend)``."""
     n, k = weight.shape
     x2 = _rows(x, k)
     dtype = _out_dtype(x, out_dtype)
     triton_ok = _use_triton(x2, backend, fp8=True)
     codes, scales = _quantize_rows_triton(x2, fp8=True) if triton_ok else _quantize_tokens_ref(x2, fp8=True)
-    return fp8_gemm(codes, scales, weight, dtype, backend="auto" if triton_ok else "torch").reshape(*x.shape[:-1], n)
+    return gemm(codes, scales, weight, dtype, backend="auto" if triton_ok else "torch").reshape(*x.shape[:-1], n)
 
 
 def fp8_gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, weight: PackedFP8Weight,
@@ -975,12 +981,7 @@ def w4f8_linear(x: torch.Tensor, weight: PackedInt4Weight, out_dtype: torch.dtyp
     on the FP8 GEMM, which Hopper runs 1.2-1.4x faster than our INT8 GEMM (docs/kernels.md). Equals
     ``fake_quant_tokens_fp8(x.float()) @ weight.dequantize().T + bias`` up to float rounding.
     Per-channel weights only (``_scaled_mm`` takes one scale per output channel)."""
-    n, k = weight.shape
-    x2 = _rows(x, k)
-    dtype = _out_dtype(x, out_dtype)
-    triton_ok = _use_triton(x2, backend, fp8=True)
-    codes, scales = _quantize_rows_triton(x2, fp8=True) if triton_ok else _quantize_tokens_ref(x2, fp8=True)
-    return w4f8_gemm(codes, scales, weight, dtype, backend="auto" if triton_ok else "torch").reshape(*x.shape[:-1], n)
+    return _fp8_act_linear(x, weight, out_dtype, backend, w4f8_gemm)
 
 
 def w4f8_gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, weight: PackedInt4Weight,

@@ -18,6 +18,7 @@ Bits of 16 or more mean "kept in floating point": every op is then the identity.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -120,6 +121,40 @@ def fake_quant_tokens_fp8(x: torch.Tensor) -> torch.Tensor:
     """FP8 E4M3 activation with one scale per token."""
     scale = x.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / FP8_MAX
     return fp8_e4m3(x, scale)
+
+
+def fp8_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+             dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+             enable_gqa: bool = False) -> torch.Tensor:
+    """``scaled_dot_product_attention`` with the numerics of an FP8 flash-attention kernel: Q, K and V
+    in FP8 E4M3 with one scale per (head, token) row, the unnormalised probabilities
+    ``exp(S - rowmax)`` (in (0, 1], 1 at the row's max) in FP8 with the fixed scale 1/448 for the
+    PV product, the row sums and the normalisation in float32. Causal masks, dropout and GQA are not
+    simulated (a clear error)."""
+    if is_causal or dropout_p or enable_gqa:
+        raise NotImplementedError("fp8_sdpa simulates plain (non-causal, no dropout, no GQA) attention")
+    q, k, v = (fake_quant_tokens_fp8(t).float() for t in (query, key, value))
+    s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.float()
+    p = torch.exp(s - s.amax(dim=-1, keepdim=True))
+    out = (fp8_e4m3(p, 1.0 / FP8_MAX) @ v) / p.sum(dim=-1, keepdim=True)
+    return out.to(query.dtype)
+
+
+@contextlib.contextmanager
+def fp8_attention():
+    """Inside: ``torch.nn.functional.scaled_dot_product_attention`` (what diffusers' native attention
+    backend calls) runs :func:`fp8_sdpa` (an eval variant measuring what FP8 attention costs in
+    quality, issue 9). Not thread-safe: the function is swapped for the whole process."""
+    import torch.nn.functional as F
+
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = fp8_sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:

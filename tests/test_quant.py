@@ -98,3 +98,31 @@ def test_keep_freed_memory_is_idempotent():
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert first is True
     assert torch.equal(torch.ones(3000, 3000).sum(0), torch.full((3000,), 3000.0))  # allocation still works
+
+
+def test_fp8_sdpa_simulates_fp8_attention():
+    """FP8 attention (issue 9's option): close to exact attention, not equal; a key mask that leaves
+    one key gives that key's FP8 value row exactly (its probability is exactly 1 in FP8); the
+    context manager swaps torch's SDPA and puts it back."""
+    import torch.nn.functional as F
+
+    from adatsq.passes.quant import fake_quant_tokens_fp8, fp8_attention, fp8_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 16, generator=g) for _ in range(3))
+    exact = F.scaled_dot_product_attention(q, k, v)
+    out = fp8_sdpa(q, k, v)
+    rel = float((out - exact).norm() / exact.norm())
+    assert 1e-3 < rel < 6e-2, rel  # E4M3 keeps 3 mantissa bits: ~3.7% here (head dim 16)
+    mask = torch.zeros(40, 40, dtype=torch.bool)
+    mask[:, 7] = True
+    one = fp8_sdpa(q, k, v, attn_mask=mask)
+    assert torch.equal(one, fake_quant_tokens_fp8(v)[:, :, 7:8, :].expand_as(one))
+    additive = torch.zeros(40, 40).masked_fill(~mask, float("-inf"))
+    assert torch.equal(fp8_sdpa(q, k, v, attn_mask=additive), one)
+    original = F.scaled_dot_product_attention
+    with fp8_attention():
+        assert torch.equal(F.scaled_dot_product_attention(q, k, v), out)
+    assert F.scaled_dot_product_attention is original
+    with pytest.raises(NotImplementedError, match="causal"):
+        fp8_sdpa(q, k, v, is_causal=True)

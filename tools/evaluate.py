@@ -85,13 +85,17 @@ class EvalConfig:
                 if kind in ("deployed", "ort") and not (d / "onnx" / "manifest.json").is_file():
                     raise InputError(f"eval: {d} has no lowered ONNX (onnx/manifest.json); build it with "
                                      f"--target onnxruntime")
-            elif v != "fp":
+            elif v not in ("fp", FP8_ATTENTION):
                 parse_variant(v)
                 if variant_method(v) == "peer":
                     from .peers import check_device as check_peer_device
 
                     check_peer_device(v, self.device)
 
+
+#: the FP model with FP8 attention (Q, K, V and the probabilities in FP8 E4M3:
+#: :func:`~adatsq.passes.quant.fp8_sdpa`): what an FP8 attention kernel would cost in quality
+FP8_ATTENTION = "fp8-attention"
 
 #: variants that sample a build directory: ``plan:DIR`` the search's simulation (per-token
 #: activations), ``deployed:DIR`` the PyTorch reference of what the lowered ONNX computes (static
@@ -187,6 +191,10 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | Non
     def generate(variant: str, w_bits: int, a_bits: int) -> np.ndarray:
         if variant == "fp":
             ctx = contextlib.nullcontext()
+        elif variant == FP8_ATTENTION:
+            from ..passes.quant import fp8_attention
+
+            ctx = fp8_attention()
         elif build_variant(variant)[0] is not None:  # a build directory: plan.json + weights.safetensors
             from ..passes.weights import load_weight_copies, plan_transforms
 
@@ -245,7 +253,7 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | Non
         return np.concatenate(out)
 
     for variant in dict.fromkeys(("fp",) + tuple(cfg.variants)):  # fp first: the fidelity reference
-        w_bits, a_bits = ((16, 16) if variant == "fp" or build_variant(variant)[0] is not None
+        w_bits, a_bits = ((16, 16) if variant in ("fp", FP8_ATTENTION) or build_variant(variant)[0] is not None
                           else parse_variant(variant))
         t0 = time.perf_counter()
         try:

@@ -23,7 +23,8 @@ computes the plan's reference numerics (the search's simulation, up to float sum
 ``adatsq::int_linear`` after the activation quantization), opaque to the compiler: the op reads
 the clock when it runs, so the precision switches per step inside one compiled graph (no guard on
 the step, no recompilation, the segment is data). Where every precision a layer runs takes INT8
-activations (W8A8 and W4A8), or the layer is FP8 at every step, the per-token quantization (and
+activations (W8A8 and W4A8), or FP8 ones (``fp8``, ``w4f8``: ``adatsq::fp8_act_linear``, the bias
+added outside it), the per-token quantization (and
 the smoothing division) are written as plain torch ops in front of the op, so the compiler fuses
 them into the ops that produce ``x`` (the adaLN modulation, the attention output) and computes
 them once for the layers that share an input (q/k/v). Those compiled quantization ops are the

@@ -323,23 +323,31 @@ def test_gpu_w4a8_and_w4a16_match_reference(m, n, k, group):
     assert _rel(out16, ref16) < (1e-5 if group is None else 4e-3)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("m,n,k", [(1, 256, 256), (77, 384, 512), (1024, 512, 1024)])
-def test_gpu_fp8_linear_matches_reference(m, n, k):
+def _fp8_gpu_case(m, n, k, seed):
+    """Inputs of the FP8 GPU tests (skipped without FP8): bf16 x [m, k], weight [n, k], bias [n]."""
     _needs_triton_gpu()
     if not K.triton_available(fp8=True):
         pytest.skip("FP8 needs compute capability 8.9+")
-    x = _x(m, k, seed=3, dtype=torch.bfloat16, device="cuda")
-    w = _w(n, k, seed=4, device="cuda")
-    bias = torch.randn(n, device="cuda")
-    out = K.fp8_linear(x, K.pack_fp8(w, bias), backend="triton")
-    ref = fake_quant_tokens_fp8(x.float()).double() @ fake_quant_weight_fp8(w).double().T + bias.double()
+    return (_x(m, k, seed=seed, dtype=torch.bfloat16, device="cuda"), _w(n, k, seed=seed + 1, device="cuda"),
+            torch.randn(n, device="cuda"))
+
+
+def _assert_fp8_close(out, ref, m, n):
     assert out.dtype == torch.bfloat16 and out.shape == (m, n)
     # bf16 output rounding (~1.7e-3 in norm) plus the FP8 tensor cores' limited-precision partial
     # sums: at Flux-dev shapes 2.0e-3 in norm and up to 1.5e-2 of max |ref| on single elements
     err = out.double().cpu() - ref.cpu()
     assert float(err.norm() / ref.norm()) < 4e-3
     assert _rel(out, ref) < 3e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [(1, 256, 256), (77, 384, 512), (1024, 512, 1024)])
+def test_gpu_fp8_linear_matches_reference(m, n, k):
+    x, w, bias = _fp8_gpu_case(m, n, k, seed=3)
+    out = K.fp8_linear(x, K.pack_fp8(w, bias), backend="triton")
+    ref = fake_quant_tokens_fp8(x.float()).double() @ fake_quant_weight_fp8(w).double().T + bias.double()
+    _assert_fp8_close(out, ref, m, n)
 
 
 @pytest.mark.gpu
@@ -377,20 +385,12 @@ def test_gpu_w4a16_gemv_rows_match_reference(m, group):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,n,k", [(1, 256, 256), (77, 384, 512), (1024, 512, 1024), (4608, 3072, 3072)])
 def test_gpu_w4f8_linear_matches_reference(m, n, k):
-    _needs_triton_gpu()
-    if not K.triton_available(fp8=True):
-        pytest.skip("FP8 needs compute capability 8.9+")
-    x = _x(m, k, seed=7, dtype=torch.bfloat16, device="cuda")
-    w = _w(n, k, seed=8, device="cuda")
-    bias = torch.randn(n, device="cuda")
+    x, w, bias = _fp8_gpu_case(m, n, k, seed=7)
     pw = K.pack_w4(w, None, bias)
     assert torch.equal(K.unpack_w4_fp8(pw).float().cpu(), pw.codes().float().cpu() * 16)
     out = K.w4f8_linear(x, pw, backend="triton")
     ref = fake_quant_tokens_fp8(x.float()).double() @ quantize_weight(w, 4).dequantize().double().T + bias.double()
-    err = out.double().cpu() - ref.cpu()
-    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
-    assert float(err.norm() / ref.norm()) < 4e-3  # as fp8_linear: bf16 output, FP8 tensor-core sums
-    assert _rel(out, ref) < 3e-2
+    _assert_fp8_close(out, ref, m, n)  # as fp8_linear: bf16 output, FP8 tensor-core sums
 
 
 def test_triton_kernels_in_the_interpreter():

@@ -20,11 +20,11 @@ computes the plan's reference numerics (the search's simulation, up to float sum
 :func:`step_callback` advances the clock from a diffusers pipeline's ``callback_on_step_end``.
 
 **Under ``torch.compile``** each quantized layer is one custom op (``adatsq::plan_linear``;
-``adatsq::int_linear`` after the activation quantization), opaque to the compiler: the op reads
-the clock when it runs, so the precision switches per step inside one compiled graph (no guard on
-the step, no recompilation, the segment is data). Where every precision a layer runs takes INT8
-activations (W8A8 and W4A8), or FP8 ones (``fp8``, ``w4f8``: ``adatsq::fp8_act_linear``, the bias
-added outside it), the per-token quantization (and
+``adatsq::quantized_linear`` after the activation quantization), opaque to the compiler: the op
+reads the clock when it runs, so the precision switches per step inside one compiled graph (no
+guard on the step, no recompilation, the segment is data). Where every precision a layer runs takes
+INT8 activations (W8A8 and W4A8), or every one FP8 activations (``fp8``, ``w4f8``; their bias is
+added outside the op), the per-token quantization (and
 the smoothing division) are written as plain torch ops in front of the op, so the compiler fuses
 them into the ops that produce ``x`` (the adaLN modulation, the attention output) and computes
 them once for the layers that share an input (q/k/v). Those compiled quantization ops are the
@@ -77,24 +77,14 @@ def _(x, uid):
     return x.new_empty((x.shape[0], _layer(uid).out_features))
 
 
-@torch.library.custom_op("adatsq::int_linear", mutates_args=())
-def _int_linear_op(codes: torch.Tensor, scales: torch.Tensor, uid: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """A lowered layer whose precisions all take INT8 activations, on quantized activations."""
-    return _layer(uid)._run_int(codes, scales, out_dtype)
+@torch.library.custom_op("adatsq::quantized_linear", mutates_args=())
+def _quantized_linear_op(codes: torch.Tensor, scales: torch.Tensor, uid: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """A lowered layer whose precisions all take INT8 (w8a8, w4a8) or all FP8 (fp8, w4f8)
+    activations, on activations already quantized per token."""
+    return _layer(uid)._run_quantized(codes, scales, out_dtype)
 
 
-@_int_linear_op.register_fake
-def _(codes, scales, uid, out_dtype):
-    return codes.new_empty((codes.shape[0], _layer(uid).out_features), dtype=out_dtype)
-
-
-@torch.library.custom_op("adatsq::fp8_act_linear", mutates_args=())
-def _fp8_act_linear_op(codes: torch.Tensor, scales: torch.Tensor, uid: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """A lowered layer whose precisions all take FP8 activations (fp8, w4f8), on quantized activations."""
-    return _layer(uid)._run_fp8(codes, scales, out_dtype)
-
-
-@_fp8_act_linear_op.register_fake
+@_quantized_linear_op.register_fake
 def _(codes, scales, uid, out_dtype):
     return scales.new_empty((codes.shape[0], _layer(uid).out_features), dtype=out_dtype)
 
@@ -144,22 +134,19 @@ class PlanLinear(nn.Module):
             return torch.ops.adatsq.plan_linear(x2, self.uid).reshape(*lead, self.out_features)
         xs = x2 / self.smooth if self.smooth is not None else x2
         compiling = torch.compiler.is_compiling()
-        if kinds <= FP8_ACT:
-            codes, scales = (kernels._quantize_tokens_ref(xs, fp8=True) if compiling  # plain ops: fused
-                             else kernels.quantize_tokens_fp8(xs))
-            if kinds == {"fp8"}:  # one FP8 copy: the GEMM itself is traceable
-                _, packed = next(iter(self.variants.values()))
-                y = (kernels._scaled_mm_rowwise(codes, scales.float(), packed, x.dtype) if self._fp8_gpu
-                     else kernels.fp8_gemm(codes, scales, packed, x.dtype, backend="torch"))
-            else:  # the bias is added out here, where the compiler fuses it into the next op (eager
-                # inside the opaque op it was a separate pass over the output: 3.8 ms a step on Flux-dev)
-                y = torch.ops.adatsq.fp8_act_linear(codes, scales.float(), self.uid, x.dtype)
-                if self.bias is not None:
-                    y = y + self.bias.to(y.dtype)
+        fp8 = kinds <= FP8_ACT
+        codes, scales = (kernels._quantize_tokens_ref(xs, fp8=fp8) if compiling  # plain ops: fused
+                         else kernels.quantize_tokens_fp8(xs) if fp8 else kernels.quantize_tokens_int8(xs))
+        if kinds == {"fp8"}:  # one FP8 copy: the GEMM itself is traceable
+            _, packed = next(iter(self.variants.values()))
+            y = (kernels._scaled_mm_rowwise(codes, scales.float(), packed, x.dtype) if self._fp8_gpu
+                 else kernels.fp8_gemm(codes, scales, packed, x.dtype, backend="torch"))
         else:
-            codes, scales = (kernels._quantize_tokens_ref(xs, fp8=False) if compiling
-                             else kernels.quantize_tokens_int8(xs))
-            y = torch.ops.adatsq.int_linear(codes, scales, self.uid, x.dtype)
+            y = torch.ops.adatsq.quantized_linear(codes, scales.float(), self.uid, x.dtype)
+            if fp8 and self.bias is not None:  # added out here, where the compiler fuses it into the next
+                # op (eager inside the opaque op it was a separate pass over the output: 3.8 ms a step on
+                # Flux-dev); the INT8 kernels add it in their epilogue
+                y = y + self.bias.to(y.dtype)
         return self._branch(y, xs).reshape(*lead, self.out_features)
 
     def _branch(self, y: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
@@ -191,23 +178,18 @@ class PlanLinear(nn.Module):
             y = kernels.w4a16_linear(xs, packed, out_dtype=x.dtype)
         return self._branch(y, xs)
 
-    def _run_fp8(self, codes: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        """The step's FP8-activation GEMM without the bias (``forward`` adds it)."""
-        from . import kernels
-
-        kind, packed = self.current()
-        packed = dataclasses.replace(packed, bias=None)
-        if kind == "fp8":
-            return kernels.fp8_gemm(codes, scales, packed, out_dtype)
-        return kernels.w4f8_gemm(codes, scales, packed, out_dtype)
-
-    def _run_int(self, codes: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def _run_quantized(self, codes: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """The step's GEMM on per-token quantized activations; FP8 kernels without the bias
+        (``forward`` adds it)."""
         from . import kernels
 
         kind, packed = self.current()
         if kind == "w8a8":
             return kernels.int8_gemm(codes, scales, packed.codes, packed.scales, packed.bias, out_dtype)
-        return kernels.w4a8_gemm(codes, scales, packed, out_dtype)
+        if kind == "w4a8":
+            return kernels.w4a8_gemm(codes, scales, packed, out_dtype)
+        gemm = kernels.fp8_gemm if kind == "fp8" else kernels.w4f8_gemm
+        return gemm(codes, scales, dataclasses.replace(packed, bias=None), out_dtype)
 
     def nbytes(self) -> dict[str, int]:
         """Resident bytes: the packed copies, the 16-bit weight if some step runs it, the base."""

@@ -193,7 +193,10 @@ def test_lower_linears_follows_the_schedule_and_compiles_once():
     assert len(compiles) == 1
     # the compiled graph calls the runtime's ops: the fused INT8 and FP8 paths and the opaque one
     targets = {str(n.target) for n in compiles[0].graph.nodes if n.op == "call_function"}
-    assert all(any(op in t for t in targets) for op in ("int_linear", "plan_linear", "fp8_act_linear")), targets
+    assert all(any(op in t for t in targets) for op in ("quantized_linear", "plan_linear")), targets
+    quantized = [n for n in compiles[0].graph.nodes if n.op == "call_function" and "quantized_linear" in str(n.target)]
+    code_dtypes = {n.args[0].meta["example_value"].dtype for n in quantized}
+    assert len(quantized) == 4 and code_dtypes == {torch.int8, torch.float8_e4m3fn}, code_dtypes  # q, k, down; gate
     rt.restore()
     with torch.no_grad():
         assert torch.equal(block(x), fp)

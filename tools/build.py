@@ -65,7 +65,8 @@ class BuildOptions:
 
         plan = self.given_plan()
         points = self.lattice
-        budget = self.budget if self.budget is not None else DEFAULT_BUDGETS[self.target]
+        # (an unknown target: target_lattice below raises the clear error)
+        budget = self.budget if self.budget is not None else DEFAULT_BUDGETS.get(self.target)
         if plan is not None:  # a given plan brings its lattice and budget (the analysis measures that lattice)
             if points is None:  # the plan's points the target executes (validate names any it uses but cannot)
                 runs = {p.name for p in TARGETS.get(self.target, ())}
@@ -90,9 +91,10 @@ class BuildOptions:
     def validate(self) -> None:
         from ..passes.search import WEIGHTS, check_budget, parse_budget, target_lattice
 
+        resolved = self.resolved()
         if self.from_plan is not None:  # what the plan runs and averages, before the budget's feasibility
-            check_given_plan(self.given_plan(), self.resolved(), self.from_plan)
-        check_budget(target_lattice(self.target, self.lattice), parse_budget(self.resolved().budget))
+            check_given_plan(self.given_plan(), resolved, self.from_plan)
+        check_budget(target_lattice(self.target, resolved.lattice), parse_budget(resolved.budget))
         self.search_options().validate()
         if self.weights not in WEIGHTS:
             raise InputError(f"build: unknown weights {self.weights!r} ({', '.join(WEIGHTS)})")

@@ -106,7 +106,8 @@ def check_lowerable(plan: Any) -> None:
     for p in plan.lattice:
         if p.name not in used:
             continue
-        if p.w_bits not in LOWERABLE_W or p.a_bits not in LOWERABLE_A or (p.w_bits == 16 and p.a_bits != 16):
+        if (p.fmt != "int" or p.w_bits not in LOWERABLE_W or p.a_bits not in LOWERABLE_A
+                or (p.w_bits == 16 and p.a_bits != 16)):
             raise LoweringError(f"precision {p.name} (W{p.w_bits}A{p.a_bits}) has no ONNX Q/DQ lowering: the "
                                 "backends run INT4/INT8 weights with INT8 or 16-bit activations, and 16-bit layers "
                                 "(build with --target onnxruntime or tensorrt)")

@@ -266,7 +266,7 @@ def lower_to_torch(transformer: nn.Module, plan: Any, weights: Any, clock: Any, 
             if prec.w_bits >= 16 and prec.a_bits >= 16:
                 variants[pname] = ("fp", None)
                 continue
-            kind = KERNELS.get((prec.w_bits, prec.a_bits))
+            kind = KERNELS.get((prec.w_bits, prec.a_bits)) if prec.fmt == "int" else None
             if kind is None:
                 raise InputError(f"runtime: {param} runs at {pname}, which the torch runtime has no kernel for "
                                  f"(it runs {', '.join(f'W{w}A{a}' for w, a in KERNELS)} and 16-bit: build with "

@@ -78,6 +78,17 @@ FISHER_SOURCES = ("weight", "output")
 _PREC_RE = re.compile(r"^W(\d+)A(\d+)$")
 
 
+def parse_point(name: str) -> tuple[int, int, str]:
+    """A lattice point's name -> (weight bits, activation bits, number format): ``WxAy`` (integers)
+    or an NVFP4 point (``NVFP4``: W4A4, ``NVFP4A16``: weights only)."""
+    from .search import NVFP4_POINTS
+
+    if name in NVFP4_POINTS:
+        p = NVFP4_POINTS[name]
+        return p.w_bits, p.a_bits, p.fmt
+    return (*parse_precision(name), "int")
+
+
 def parse_precision(name: str) -> tuple[int, int]:
     m = _PREC_RE.match(name)
     if not m or int(m.group(1)) not in (2, 3, 4, 6, 8) or int(m.group(2)) not in (2, 3, 4, 6, 8, 16):
@@ -121,7 +132,7 @@ class AnalysisOptions:
         if not self.precisions:
             raise InputError("analysis: no precisions to measure sensitivity at")
         for p in self.precisions:
-            parse_precision(p)
+            parse_point(p)
         if self.sensitivity_samples < 1 or self.e2e_steps < 0 or self.e2e_per_step < 0:
             raise InputError("analysis: sensitivity_samples must be >= 1, e2e counts >= 0")
         if self.max_hessian_bytes < 1:
@@ -486,7 +497,7 @@ class TemporalFisher(AnalysisPass):
         params = table.names
         steps, nl, npr = calib.num_steps, len(params), len(opt.precisions)
         lat = ctx.results["trajectory"]
-        bits = [parse_precision(p) for p in opt.precisions]
+        bits = [parse_point(p) for p in opt.precisions]
         modules = ctx.modules
         state = {"weight": torch.zeros(steps, nl, dtype=torch.float64),
                  "output": torch.zeros(steps, nl, dtype=torch.float64),
@@ -566,9 +577,9 @@ class TemporalFisher(AnalysisPass):
             st["output"][t, li] += float(gt.double().square().sum())
             with torch.no_grad():
                 g2 = gt.square()
-                for pi, (w_bits, a_bits) in enumerate(bits):
-                    w_q = fake_quant_weight(m.weight.detach().float(), w_bits)  # cheap next to the GEMM
-                    dy = torch.cat([output_tokens(m, quantized_call(m, i, w_q, a_bits) - o.detach()).float()
+                for pi, (w_bits, a_bits, fmt) in enumerate(bits):
+                    w_q = fake_quant_weight(m.weight.detach().float(), w_bits, fmt=fmt)  # cheap next to the GEMM
+                    dy = torch.cat([output_tokens(m, quantized_call(m, i, w_q, a_bits, fmt) - o.detach()).float()
                                     for i, o in calls], dim=1)
                     st["proxy"][t, li, pi] += float((g2 * dy.square()).double().sum())
             tw += b_ - a
@@ -769,7 +780,7 @@ class ReconstructionSensitivity(AnalysisPass):
         groups = layer_groups(table, opt.groups)
         gnames = list(groups)
         steps = calib.num_steps
-        bits = [parse_precision(p) for p in opt.precisions]
+        bits = [parse_point(p) for p in opt.precisions]
         lat = ctx.results["trajectory"]
         sig = ctx.results["sigmas"]
         idx = self._samples()
@@ -785,8 +796,8 @@ class ReconstructionSensitivity(AnalysisPass):
                 ds = float(sig[t + 1] - sig[t])
                 for gi, g in enumerate(gnames):
                     mods = {p: ctx.modules[p] for p in groups[g]}
-                    ws = {p: [fake_quant_weight(mods[p].weight.float(), w) for w, _ in bits] for p in mods}
-                    with replicated_quantization(mods, ws, [a for _, a in bits], reps):
+                    ws = {p: [fake_quant_weight(mods[p].weight.float(), w, fmt=f) for w, _, f in bits] for p in mods}
+                    with replicated_quantization(mods, ws, [a for _, a, _ in bits], reps, [f for *_, f in bits]):
                         v_all = ctx.forward(xR, sR, cR)
                     for pi, v_q in enumerate(v_all.chunk(reps)):
                         err = (ds * (calib.guided(v_q) - v_fp)).square().flatten(1).mean(1).mean()
@@ -868,11 +879,11 @@ class ReconstructionSensitivity(AnalysisPass):
                         for r, i in enumerate(members):
                             g, _, pi = triples[i]
                             mods = {p: ctx.modules[p] for p in groups[gnames[g]]}
-                            w_bits, a_bits = bits[pi]
-                            ws = {p: [fake_quant_weight(mods[p].weight.float(), w_bits)] for p in mods}
+                            w_bits, a_bits, fmt = bits[pi]
+                            ws = {p: [fake_quant_weight(mods[p].weight.float(), w_bits, fmt=fmt)] for p in mods}
                             sl = slice(r * n, (r + 1) * n)
                             xs, ss, cs = calib.model_inputs(x[sl], k, idx)
-                            with replicated_quantization(mods, ws, [a_bits], 1):
+                            with replicated_quantization(mods, ws, [a_bits], 1, [fmt]):
                                 v_parts.append(calib.guided(ctx.forward(xs, ss, cs)))
                         v = torch.cat(v_parts)
                     else:

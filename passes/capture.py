@@ -116,26 +116,30 @@ def per_sample_weight_grad_sqnorm(x: torch.Tensor, g: torch.Tensor) -> torch.Ten
 
 
 # --------------------------------------------------------------------------- fake quantization
-def quantized_call(module: nn.Module, x: torch.Tensor, w_q: torch.Tensor, a_bits: int) -> torch.Tensor:
-    """The layer evaluated with a (fake-)quantized weight ``w_q`` and ``a_bits`` input activations.
+def quantized_call(module: nn.Module, x: torch.Tensor, w_q: torch.Tensor, a_bits: int, a_fmt: str = "int"
+                   ) -> torch.Tensor:
+    """The layer evaluated with a (fake-)quantized weight ``w_q`` and ``a_bits`` input activations
+    (in number format ``a_fmt``).
 
     Linear inputs are quantized per token; convolution inputs per sample (one scale over channels
     and positions), since a patch-embedding conv sees only a handful of channels per position.
     """
     w_q = w_q.to(x.dtype)
     if isinstance(module, nn.Linear):
-        return F.linear(fake_quant_tokens(x, a_bits), w_q, module.bias)
-    xq = fake_quant_tokens(x, a_bits, dims=tuple(range(1, x.dim())))
+        return F.linear(fake_quant_tokens(x, a_bits, fmt=a_fmt), w_q, module.bias)
+    xq = fake_quant_tokens(x, a_bits, dims=tuple(range(1, x.dim())), fmt=a_fmt)
     return module._conv_forward(xq, w_q, module.bias)
 
 
 @contextlib.contextmanager
 def replicated_quantization(modules: Mapping[str, nn.Module], weights: Mapping[str, list[torch.Tensor]],
-                            a_bits: list[int], replicas: int) -> Iterator[None]:
+                            a_bits: list[int], replicas: int, a_fmts: list[str] | None = None) -> Iterator[None]:
     """Within the context the batch holds ``replicas`` equal slices; slice ``r`` of every module in
-    ``modules`` runs with weight ``weights[param][r]`` and ``a_bits[r]``-bit inputs (16 = float).
+    ``modules`` runs with weight ``weights[param][r]`` and ``a_bits[r]``-bit inputs (16 = float) in
+    format ``a_fmts[r]`` (default: integers).
     Other modules run as usual. Used to evaluate several precisions of one layer group in one batch."""
     saved = {}
+    fmts = list(a_fmts) if a_fmts is not None else ["int"] * len(a_bits)
     try:
         for p, m in modules.items():
             saved[p] = m.__dict__.get("forward")
@@ -143,7 +147,7 @@ def replicated_quantization(modules: Mapping[str, nn.Module], weights: Mapping[s
             def fwd(x, m=m, ws=weights[p]):
                 if x.shape[0] % replicas:
                     raise InputError(f"replicated quantization: batch {x.shape[0]} not divisible by {replicas}")
-                return torch.cat([quantized_call(m, xs, ws[r], a_bits[r])
+                return torch.cat([quantized_call(m, xs, ws[r], a_bits[r], fmts[r])
                                   for r, xs in enumerate(x.chunk(replicas))])
 
             m.forward = fwd

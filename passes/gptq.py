@@ -26,7 +26,8 @@ import dataclasses
 
 import torch
 
-from .quant import QuantizedWeight, qmax, quantize_weight, weight_scales
+from .quant import (QuantizedWeight, check_format, fp4_e2m1, nvfp4_block, nvfp4_weight_scales, qmax, quantize_weight,
+                    weight_scales)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +50,17 @@ def weighted_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | None = None,
-         options: GPTQOptions = GPTQOptions()) -> QuantizedWeight:
-    """Quantize ``w`` [O, K] (conv weights are flattened to [O, K]) with Hessian ``h`` [K, K]."""
+         options: GPTQOptions = GPTQOptions(), fmt: str = "int") -> QuantizedWeight:
+    """Quantize ``w`` [O, K] (conv weights are flattened to [O, K]) with Hessian ``h`` [K, K].
+    ``fmt="nvfp4"``: each column rounds to the FP4 grid of its block's (static) NVFP4 scale."""
     options.validate()
+    check_format(fmt, bits)
+    nvfp4 = fmt == "nvfp4"
+    if nvfp4:
+        block = nvfp4_block(w.reshape(w.shape[0], -1).shape[1])
+        if group_size not in (None, block):
+            raise ValueError(f"NVFP4 weights come in blocks of {block}, not groups of {group_size}")
+        group_size = block
     shape = tuple(w.shape)
     dt = torch.float64 if w.device.type == "cpu" else torch.float32
     W = w.detach().reshape(shape[0], -1).to(dt).clone()
@@ -61,7 +70,8 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | None = N
     if not torch.isfinite(h).all():
         raise ValueError("GPTQ: the Hessian has NaN/Inf entries")
     H = h.detach().to(W.device, dt).clone()
-    scales = weight_scales(W, bits, group_size).to(dt)  # static, from the original weight
+    # static, from the original weight
+    scales = (nvfp4_weight_scales(W) if nvfp4 else weight_scales(W, bits, group_size)).to(dt)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -77,7 +87,10 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | None = N
     # scale of every (permuted) column: [O, K]
     col_group = perm if group_size is None else perm // group_size
     col_scale = scales[:, 0:1].expand(-1, K) if group_size is None else scales[:, col_group]
-    qm = qmax(bits)
+    if nvfp4:  # a block whose scale is 0 quantizes to 0
+        col_safe = torch.where(col_scale > 0, col_scale, torch.ones_like(col_scale))
+        col_scale = torch.where(col_scale > 0, col_scale, torch.zeros_like(col_scale))
+    qm = 0 if nvfp4 else qmax(bits)
     Q = torch.zeros_like(W)
     bs = options.block_size
     for i1 in range(0, K, bs):
@@ -88,7 +101,10 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | None = N
         for i in range(i2 - i1):
             col = W1[:, i]
             s = col_scale[:, i1 + i]
-            q = torch.clamp(torch.round(col / s), -qm - 1, qm) * s
+            if nvfp4:
+                q = fp4_e2m1(col / col_safe[:, i1 + i]) * s
+            else:
+                q = torch.clamp(torch.round(col / s), -qm - 1, qm) * s
             Q[:, i1 + i] = q
             err = (col - q) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
@@ -96,4 +112,4 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | None = N
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     inv = torch.argsort(perm)
     Q = Q[:, inv]
-    return quantize_weight(Q.float().reshape(shape), bits, group_size, scales=scales.float())
+    return quantize_weight(Q.float().reshape(shape), bits, group_size, scales=scales.float(), fmt=fmt)

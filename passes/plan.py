@@ -23,16 +23,49 @@ PLAN_VERSION = 1
 
 @dataclasses.dataclass(frozen=True)
 class Precision:
-    """A lattice point. ``w_bits``/``a_bits`` of 16 mean "kept in 16-bit floating point"."""
+    """A lattice point. ``w_bits``/``a_bits`` of 16 mean "kept in 16-bit floating point".
+
+    ``fmt``: the number format of the quantized side(s): ``"int"`` (symmetric integers, the default)
+    or ``"nvfp4"`` (FP4 E2M1 in blocks of 16 with an FP8 scale each; 4-bit sides only). The budget
+    counts what a value costs (:attr:`w_cost`, :attr:`a_cost`): the bits, plus an NVFP4 block's
+    8-bit scale spread over its 16 values (4.5). Integer scales -- one per output channel or group
+    of 64 weights, one per token of activations -- are not counted, as the paper counts them."""
 
     name: str
     w_bits: int
     a_bits: int
+    fmt: str = "int"
 
     def __post_init__(self):
         for b in (self.w_bits, self.a_bits):
             if b not in (2, 3, 4, 6, 8, 16):
                 raise PlanError(f"precision {self.name}: unsupported bit-width {b}")
+        if self.fmt not in ("int", "nvfp4"):
+            raise PlanError(f"precision {self.name}: unknown number format {self.fmt!r} (known: int, nvfp4)")
+        if self.fmt == "nvfp4" and ({self.w_bits, self.a_bits} - {4, 16} or self.w_bits == 16):
+            raise PlanError(f"precision {self.name}: NVFP4 has 4-bit weights and 4- or 16-bit activations, "
+                            f"not W{self.w_bits}A{self.a_bits}")
+
+    @staticmethod
+    def _cost(bits: int, fmt: str) -> float:
+        return bits + 0.5 if fmt == "nvfp4" and bits < 16 else float(bits)
+
+    @property
+    def w_cost(self) -> float:
+        """Bits a weight costs under the budget."""
+        return self._cost(self.w_bits, self.fmt)
+
+    @property
+    def a_cost(self) -> float:
+        """Bits an activation costs under the budget."""
+        return self._cost(self.a_bits, self.fmt)
+
+    def to_json(self) -> dict[str, Any]:
+        """As in a plan file (``fmt`` written only when not the integer default)."""
+        d = dataclasses.asdict(self)
+        if self.fmt == "int":
+            del d["fmt"]
+        return d
 
 
 #: the default lattice: Low / Mid / High / keep (DESIGN.md: W4A4, W4A8, W8A8, 16-bit)
@@ -126,8 +159,8 @@ class PrecisionPlan:
         wp = [table[p].params for p in layers]
         wm = [table[p].macs if table[p].macs is not None else table[p].macs_per_token for p in layers]
         steps = len(assignment) or 1
-        w = sum(by_name[row[i]].w_bits * wp[i] for row in assignment for i in range(len(layers)))
-        a = sum(by_name[row[i]].a_bits * wm[i] for row in assignment for i in range(len(layers)))
+        w = sum(by_name[row[i]].w_cost * wp[i] for row in assignment for i in range(len(layers)))
+        a = sum(by_name[row[i]].a_cost * wm[i] for row in assignment for i in range(len(layers)))
         return Budget(w / (steps * (sum(wp) or 1)), a / (steps * (sum(wm) or 1)))
 
     @classmethod
@@ -159,7 +192,7 @@ class PrecisionPlan:
     def to_json(self) -> dict[str, Any]:
         return dict(
             format="adatsq.precision_plan", version=self.version, model=dataclasses.asdict(self.model),
-            schedule=self.schedule.to_json(), lattice=[dataclasses.asdict(p) for p in self.lattice],
+            schedule=self.schedule.to_json(), lattice=[p.to_json() for p in self.lattice],
             layers=list(self.layers), assignment=[list(r) for r in self.assignment],
             budget=None if self.budget is None else self.budget.to_json(), achieved=self.achieved.to_json())
 

@@ -11,7 +11,13 @@ dequantized float tensor (what a simulation runs).
 * INT-k activations: dynamic per token (one scale per row of the last dimension) or static per
   tensor with a scale from calibration;
 * FP8 E4M3 (``torch.float8_e4m3fn``, max 448): per-output-channel weight scales, per-token or
-  per-tensor activation scales.
+  per-tensor activation scales;
+* NVFP4 (format ``"nvfp4"``, NVIDIA's Blackwell 4-bit float, as modelopt simulates it): FP4 E2M1
+  values (0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives) in blocks of 16 consecutive inputs, each
+  block with its own scale stored in FP8 E4M3 relative to one float32 scale per tensor (weights) or
+  per token (activations; a deployed kernel takes one per tensor from calibration, which only moves
+  the E4M3 scales' range). 4.5 bits per value. A :class:`QuantizedWeight` in this format holds the
+  codes ``2 v`` (integers in -12..12) and the scales halved, so it dequantizes like the INT ones.
 
 Bits of 16 or more mean "kept in floating point": every op is then the identity.
 """
@@ -24,6 +30,18 @@ import dataclasses
 import torch
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP4_MAX = 6.0  # largest FP4 E2M1 magnitude
+NVFP4_BLOCK = 16  # values per NVFP4 block scale
+#: the number formats a lattice point can use: integer (any bits) or NVFP4 (4 bits, 16-value blocks)
+FORMATS = ("int", "nvfp4")
+
+
+def check_format(fmt: str, bits: int) -> None:
+    """A clear error for an unknown format or a bit-width the format does not have."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown number format {fmt!r} (known: {', '.join(FORMATS)})")
+    if fmt == "nvfp4" and bits not in (4, 16):
+        raise ValueError(f"NVFP4 is a 4-bit format, got {bits} bits")
 
 
 def qmax(bits: int) -> int:
@@ -44,13 +62,16 @@ def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedWeight:
-    """Integer codes ``[O, K]`` (int8 storage) and scales ``[O, K/g]`` (``[O, 1]`` per channel)."""
+    """Integer codes ``[O, K]`` (int8 storage) and scales ``[O, K/g]`` (``[O, 1]`` per channel).
+    ``fmt="nvfp4"``: the codes are twice the FP4 values and the scales half the block scales
+    (``group_size`` 16), so :meth:`dequantize` is the same product."""
 
     codes: torch.Tensor
     scales: torch.Tensor
     bits: int
     group_size: int | None
     shape: tuple[int, ...]
+    fmt: str = "int"
 
     def dequantize(self) -> torch.Tensor:
         g = _grouped(self.codes.float(), self.group_size)
@@ -64,8 +85,15 @@ def weight_scales(w: torch.Tensor, bits: int, group_size: int | None = None) -> 
 
 
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None,
-                    scales: torch.Tensor | None = None) -> QuantizedWeight:
-    """Round-to-nearest INT-``bits`` codes of ``w`` (``scales`` default: max-abs)."""
+                    scales: torch.Tensor | None = None, fmt: str = "int") -> QuantizedWeight:
+    """Round-to-nearest INT-``bits`` codes of ``w`` (``scales`` default: max-abs); ``fmt="nvfp4"``:
+    :func:`quantize_weight_nvfp4` (``group_size`` must be None or 16)."""
+    if fmt != "int":
+        check_format(fmt, bits)
+        block = nvfp4_block(w.reshape(w.shape[0], -1).shape[1])
+        if group_size not in (None, block):
+            raise ValueError(f"NVFP4 weights come in blocks of {block}, not groups of {group_size}")
+        return quantize_weight_nvfp4(w, scales)
     s = weight_scales(w, bits, group_size) if scales is None else scales
     q = qmax(bits)
     g = _grouped(w.float(), group_size)
@@ -73,18 +101,25 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None,
     return QuantizedWeight(codes.reshape(w.shape[0], -1), s, bits, group_size, tuple(w.shape))
 
 
-def fake_quant_weight(w: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
+def fake_quant_weight(w: torch.Tensor, bits: int, group_size: int | None = None, fmt: str = "int") -> torch.Tensor:
     """Dequantized RTN weight (identity for bits >= 16)."""
     if bits >= 16:
         return w
-    return quantize_weight(w, bits, group_size).dequantize().to(w.dtype)
+    return quantize_weight(w, bits, group_size, fmt=fmt).dequantize().to(w.dtype)
 
 
-def fake_quant_tokens(x: torch.Tensor, bits: int, dims: int | tuple[int, ...] = -1) -> torch.Tensor:
+def fake_quant_tokens(x: torch.Tensor, bits: int, dims: int | tuple[int, ...] = -1, fmt: str = "int") -> torch.Tensor:
     """Dynamic symmetric INT quantization with one scale per slice over ``dims`` (default: per
-    token, the last dimension), dequantized. Identity for bits >= 16."""
+    token, the last dimension), dequantized. Identity for bits >= 16. ``fmt="nvfp4"``:
+    :func:`fake_quant_tokens_nvfp4` (blocks along the last dimension; ``dims`` other than the last
+    -- a convolution's per-sample slices -- put the channel dimension last first)."""
     if bits >= 16:
         return x
+    if fmt != "int":
+        check_format(fmt, bits)
+        if dims == -1 or dims == (x.dim() - 1,):
+            return fake_quant_tokens_nvfp4(x)
+        return fake_quant_tokens_nvfp4(x.movedim(1, -1)).movedim(-1, 1)
     q = qmax(bits)
     if x.requires_grad:
         scale = x.abs().amax(dim=dims, keepdim=True).clamp_min(1e-12) / q
@@ -155,6 +190,107 @@ def fp8_attention():
         yield
     finally:
         F.scaled_dot_product_attention = original
+
+
+def nvfp4_block(k: int) -> int:
+    """The NVFP4 block along an input dimension of ``k``: 16, or the whole of a dimension under 16
+    (a patch embedding's few inputs: a finer block, its scale counted as if it were 16 wide)."""
+    if k % NVFP4_BLOCK == 0:
+        return NVFP4_BLOCK
+    if k < NVFP4_BLOCK:
+        return k
+    raise ValueError(f"NVFP4: input size {k} is not a multiple of {NVFP4_BLOCK}")
+
+
+def fp4_e2m1(y: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest FP4 E2M1 value (ties to even, as the hardware conversion does),
+    saturating at +-6. The grid: 0, 0.5, 1, 1.5 (step 0.5), 2, 3 (step 1), 4, 6 (step 2)."""
+    a = y.abs().clamp_max(FP4_MAX)
+    step = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0)).to(a.dtype)
+    return torch.copysign(torch.round(a / step) * step, y)
+
+
+def _nvfp4_blocks(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` [..., n, 16] and a float32 ``global_scale`` broadcastable to [..., 1, 1] -> (FP4 values
+    of ``x / scale``, block scales [..., n, 1]): each block's max-abs / 6 in E4M3 units of the global
+    scale. A block whose scale underflows E4M3 (or is all zero) has scale 0 and values 0."""
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    rel = (amax / (FP4_MAX * global_scale)).clamp_max(FP8_MAX)
+    scale = rel.to(torch.float8_e4m3fn).float() * global_scale
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.where(scale > 0, fp4_e2m1(x / safe), torch.zeros_like(x)), scale
+
+
+def nvfp4_global_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The float32 scale that maps a max-abs ``amax`` onto the largest block scale (448 x 6)."""
+    return (amax.float() / (FP4_MAX * FP8_MAX)).clamp_min(1e-30)
+
+
+def nvfp4_weight_scales(w: torch.Tensor) -> torch.Tensor:
+    """The block scales ``[O, K/16]`` of an NVFP4 weight (one global scale over the tensor)."""
+    flat = w.reshape(w.shape[0], -1).float()
+    g = flat.reshape(flat.shape[0], -1, nvfp4_block(flat.shape[1]))
+    return _nvfp4_blocks(g, nvfp4_global_scale(flat.abs().amax()))[1][..., 0]
+
+
+def quantize_weight_nvfp4(w: torch.Tensor, scales: torch.Tensor | None = None) -> QuantizedWeight:
+    """NVFP4 codes of ``w`` [O, K] (K a multiple of 16), round to nearest, with the block scales
+    ``scales`` [O, K/16] (default: :func:`nvfp4_weight_scales`). Stored as codes ``2 v`` and
+    scales / 2 (see :class:`QuantizedWeight`)."""
+    s = nvfp4_weight_scales(w) if scales is None else scales.float()
+    block = nvfp4_block(w.reshape(w.shape[0], -1).shape[1])
+    g = w.reshape(w.shape[0], -1).float().reshape(w.shape[0], -1, block)
+    if s.shape != g.shape[:2]:
+        raise ValueError(f"NVFP4: scales {tuple(s.shape)} do not fit a weight of {tuple(w.shape)}")
+    safe = torch.where(s > 0, s, torch.ones_like(s))[:, :, None]
+    v = torch.where(s[:, :, None] > 0, fp4_e2m1(g / safe), torch.zeros_like(g))
+    return QuantizedWeight((2 * v).to(torch.int8).reshape(w.shape[0], -1), s / 2, 4, block,
+                           tuple(w.shape), "nvfp4")
+
+
+def fake_quant_tokens_nvfp4(x: torch.Tensor) -> torch.Tensor:
+    """NVFP4 activations: blocks of 16 along the last dimension (a multiple of 16), one global
+    scale per token, dequantized."""
+    n = x.shape[-1]
+    block = nvfp4_block(n)
+    xf = x.float()
+    g = xf.reshape(*x.shape[:-1], n // block, block)
+    gs = nvfp4_global_scale(xf.abs().amax(dim=-1, keepdim=True))[..., None]
+    v, scale = _nvfp4_blocks(g, gs)
+    return (v * scale).reshape(x.shape).to(x.dtype)
+
+
+#: E2M1 magnitudes x 2 in code order (nibble bits 0-2; bit 3 is the sign)
+_FP4_CODES = (0, 1, 2, 3, 4, 6, 8, 12)
+
+
+def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
+    """NVFP4 codes (``2 v``: 0, +-1, +-2, +-3, +-4, +-6, +-8, +-12) -> uint8 E2M1 nibbles (sign in
+    bit 3), two per byte, low nibble first like :func:`pack_int4`."""
+    flat = codes.reshape(-1).to(torch.int16)
+    lut = torch.full((13,), -1, dtype=torch.int16)
+    lut[list(_FP4_CODES)] = torch.arange(8, dtype=torch.int16)
+    mag = lut[flat.abs().clamp_max(12).long()]
+    if flat.numel() and (int(flat.abs().max()) > 12 or bool((mag < 0).any())):
+        raise ValueError("pack_fp4: codes are not twice FP4 E2M1 values")
+    nib = (mag | torch.where(flat < 0, 8, 0).to(torch.int16)).to(torch.uint8)
+    if nib.numel() % 2:
+        nib = torch.cat([nib, nib.new_zeros(1)])
+    return nib[0::2] | (nib[1::2] << 4)
+
+
+def unpack_fp4(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pack_fp4`: int8 codes (``2 v``) of ``shape``."""
+    p = packed.reshape(-1).to(torch.int16)
+    nib = torch.stack([p & 0xF, (p >> 4) & 0xF], dim=1).reshape(-1)
+    mag = torch.tensor(_FP4_CODES, dtype=torch.int16)[(nib & 7).long()]
+    vals = torch.where(nib >= 8, -mag, mag).to(torch.int8)
+    n = 1
+    for d in shape:
+        n *= d
+    if vals.numel() < n:
+        raise ValueError(f"unpack_fp4: {packed.numel()} bytes cannot hold {n} codes")
+    return vals[:n].reshape(shape)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:

@@ -60,8 +60,8 @@ class Costs:
 
     def step_bits(self, assignment: Assignment, lattice: Sequence[Precision]) -> tuple[float, float]:
         """(sum params x w_bits, sum MACs x a_bits) of one step's assignment."""
-        w = sum(self.params[g] * lattice[i].w_bits for g, i in enumerate(assignment))
-        a = sum(self.macs[g] * lattice[i].a_bits for g, i in enumerate(assignment))
+        w = sum(self.params[g] * lattice[i].w_cost for g, i in enumerate(assignment))
+        a = sum(self.macs[g] * lattice[i].a_cost for g, i in enumerate(assignment))
         return w, a
 
     def averages(self, policy: Sequence[Assignment], lattice: Sequence[Precision]) -> Budget:
@@ -98,8 +98,8 @@ class SearchResult:
 
 def check_budget(lattice: Sequence[Precision], budget: Budget) -> None:
     """Raise InputError if no policy over ``lattice`` can meet ``budget``."""
-    lo_w = min(p.w_bits for p in lattice)
-    lo_a = min(p.a_bits for p in lattice)
+    lo_w = min(p.w_cost for p in lattice)
+    lo_a = min(p.a_cost for p in lattice)
     if lo_w > budget.w_bits + 1e-9 or lo_a > budget.a_bits + 1e-9:
         raise InputError(f"infeasible budget W{budget.w_bits:g}A{budget.a_bits:g}: the lattice's cheapest "
                          f"precisions are {lo_w}-bit weights and {lo_a}-bit activations "
@@ -111,7 +111,7 @@ def check_memory(lattice: Sequence[Precision], memory_bits: float | None) -> Non
     per parameter (the cheapest point at every step needs one copy of its width)."""
     if memory_bits is None:
         return
-    lo = min(p.w_bits for p in lattice)
+    lo = min(p.w_cost for p in lattice)
     if not memory_bits >= lo - 1e-9:
         raise InputError(f"infeasible memory budget of {memory_bits:g} bits per parameter: the lattice's "
                          f"narrowest weights are {lo}-bit ({', '.join(p.name for p in lattice)})")
@@ -120,7 +120,7 @@ def check_memory(lattice: Sequence[Precision], memory_bits: float | None) -> Non
 def _copy_bits(used: Sequence[int], lattice: Sequence[Precision], costs: Costs) -> float:
     """params x bits of the weight copies held, ``used[g]`` a bit mask of the lattice points group
     ``g`` runs at."""
-    return sum(costs.params[g] * sum(p.w_bits for i, p in enumerate(lattice) if m >> i & 1)
+    return sum(costs.params[g] * sum(p.w_cost for i, p in enumerate(lattice) if m >> i & 1)
                for g, m in enumerate(used))
 
 
@@ -197,8 +197,8 @@ def constant_completion(lattice: Sequence[Precision], costs: Costs, used: Sequen
     G, P = len(used), len(lattice)
     params = np.asarray(costs.params, dtype=np.float64)[:, None]
     macs = np.asarray(costs.macs, dtype=np.float64)[:, None]
-    wb = np.asarray([p.w_bits for p in lattice], dtype=np.float64)[None, :]
-    ab = np.asarray([p.a_bits for p in lattice], dtype=np.float64)[None, :]
+    wb = np.asarray([p.w_cost for p in lattice], dtype=np.float64)[None, :]
+    ab = np.asarray([p.a_cost for p in lattice], dtype=np.float64)[None, :]
     held = np.asarray([[m >> i & 1 for i in range(P)] for m in used], dtype=bool)
     tiny = 1e-30
     w = params * wb / max(w_room, tiny)  # [G, P], each normalised by its room
@@ -294,8 +294,8 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
     guard = mem_cap is not None or max_segments is not None  # completions keep the search out of dead ends
     total_w = budget.w_bits * num_steps * sum(costs.params)
     total_a = budget.a_bits * num_steps * sum(costs.macs)
-    min_w = min(p.w_bits for p in lattice) * sum(costs.params)
-    min_a = min(p.a_bits for p in lattice) * sum(costs.macs)
+    min_w = min(p.w_cost for p in lattice) * sum(costs.params)
+    min_a = min(p.a_cost for p in lattice) * sum(costs.macs)
     tol = 1e-9 * (total_w + total_a)
 
     def axis(w: float, a: float, steps: int) -> float:
@@ -311,9 +311,9 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
         room = mem_cap - mem
         w = a = 0.0
         for g, m in enumerate(used):
-            ok = [p for i, p in enumerate(lattice) if m >> i & 1 or costs.params[g] * p.w_bits <= room]
-            w += costs.params[g] * min(p.w_bits for p in ok)
-            a += costs.macs[g] * min(p.a_bits for p in ok)
+            ok = [p for i, p in enumerate(lattice) if m >> i & 1 or costs.params[g] * p.w_cost <= room]
+            w += costs.params[g] * min(p.w_cost for p in ok)
+            a += costs.macs[g] * min(p.a_cost for p in ok)
         return w, a
 
     def completion(used: tuple[int, ...], mem: float, distinct: frozenset, w_spent: float, a_spent: float,
@@ -346,7 +346,7 @@ def beam_search(num_steps: int, lattice: Sequence[Precision], costs: Costs, budg
                 # every group's narrowest held
                 if e.policy:
                     held = tuple(min((i for i in range(len(lattice)) if m >> i & 1),
-                                     key=lambda i: lattice[i].w_bits) for m in e.used)
+                                     key=lambda i: lattice[i].w_cost) for m in e.used)
                     own = list(own) + [e.policy[-1], held]
                 own = list(dict.fromkeys(list(own) + ([e.rest] if e.rest is not None else [])))
             for c in own:
@@ -432,8 +432,8 @@ def _lagrangian_allocation(errors: np.ndarray, lattice: Sequence[Precision], cos
     G, P = errors.shape
     pw = np.asarray(costs.params, dtype=np.float64)[:, None] / max(sum(costs.params), 1e-30)
     pa = np.asarray(costs.macs, dtype=np.float64)[:, None] / max(sum(costs.macs), 1e-30)
-    w = pw * np.asarray([p.w_bits for p in lattice], dtype=np.float64)[None, :]  # [G, P]: share of the average
-    a = pa * np.asarray([p.a_bits for p in lattice], dtype=np.float64)[None, :]
+    w = pw * np.asarray([p.w_cost for p in lattice], dtype=np.float64)[None, :]  # [G, P]: share of the average
+    a = pa * np.asarray([p.a_cost for p in lattice], dtype=np.float64)[None, :]
     err = np.asarray(errors, dtype=np.float64)
     finite = err[np.isfinite(err)]
     scale = max(float(np.abs(finite).max()) if finite.size else 1.0, 1e-30)
@@ -472,11 +472,11 @@ def allocation_candidates(errors: np.ndarray, lattice: Sequence[Precision], cost
     if allowed is not None:
         errors = np.where(allowed, errors, np.inf)
     wsum, asum = sum(costs.params), sum(costs.macs)
-    cheapest = min(range(P), key=lambda p: (lattice[p].w_bits + lattice[p].a_bits, errors[:, p].sum()))
+    cheapest = min(range(P), key=lambda p: (lattice[p].w_cost + lattice[p].a_cost, errors[:, p].sum()))
     out: list[Assignment] = []
 
     def rel(g: int, p: int) -> tuple[float, float]:
-        return costs.params[g] * lattice[p].w_bits / wsum, costs.macs[g] * lattice[p].a_bits / asum
+        return costs.params[g] * lattice[p].w_cost / wsum, costs.macs[g] * lattice[p].a_cost / asum
 
     for lv in levels:
         cap_w, cap_a = lv * budget.w_bits, lv * budget.a_bits
@@ -514,7 +514,7 @@ def allocation_candidates(errors: np.ndarray, lattice: Sequence[Precision], cost
         out.append(tuple(asg))
     top = max(levels)
     for p in range(P):
-        if (lattice[p].w_bits <= top * budget.w_bits + 1e-9 and lattice[p].a_bits <= top * budget.a_bits + 1e-9
+        if (lattice[p].w_cost <= top * budget.w_bits + 1e-9 and lattice[p].a_cost <= top * budget.a_bits + 1e-9
                 and np.isfinite(errors[:, p]).all()):
             out.append((p,) * G)
     return list(dict.fromkeys(out))
@@ -534,7 +534,7 @@ def select_copies(errors: np.ndarray, lattice: Sequence[Precision], costs: Costs
     S, G, P = errors.shape
     params = np.asarray(costs.params, dtype=np.float64)
     cap = memory_bits * params.sum() * (1 + 1e-9)
-    wb = np.asarray([p.w_bits for p in lattice], dtype=np.float64)
+    wb = np.asarray([p.w_cost for p in lattice], dtype=np.float64)
     allowed = np.zeros((G, P), dtype=bool)
     root = constant_completion(lattice, costs, (0,) * G, budget.w_bits * params.sum() * (1 + 1e-9),
                                budget.a_bits * sum(costs.macs) * (1 + 1e-9), cap)
@@ -597,6 +597,9 @@ TARGETS: dict[str, tuple[Precision, ...]] = {
 }
 
 
+#: NVFP4 lattice points (simulate only; see Precision.fmt): FP4 weights and activations, or weights only
+NVFP4_POINTS = {"NVFP4": Precision("NVFP4", 4, 4, "nvfp4"), "NVFP4A16": Precision("NVFP4A16", 4, 16, "nvfp4")}
+
 #: the weights a plan's quantized copies are made with (see :func:`layer_transform_factory`)
 WEIGHTS = ("rtn", "gptq", "gptq-fisher")
 
@@ -604,9 +607,9 @@ WEIGHTS = ("rtn", "gptq", "gptq-fisher")
 def target_lattice(target: str, points: str | Sequence[str] | None = None) -> tuple[Precision, ...]:
     """The lattice the search draws from: the target's (``points`` None), or the lattice points
     named in ``points`` ("W2A4,W3A3,W4A4,FP16" or a sequence of names). ``simulate`` takes any
-    WxAy with x in 2,3,4,6,8 and y in 2,3,4,6,8,16 (and FP16); a deployment target only a subset
-    of what it executes. Ordered by (weight bits, activation bits) like the targets' own
-    lattices, duplicates dropped."""
+    WxAy with x in 2,3,4,6,8 and y in 2,3,4,6,8,16 (and FP16, and the NVFP4 points ``NVFP4`` and
+    ``NVFP4A16``); a deployment target only a subset of what it executes. Ordered by (weight
+    cost, activation cost) like the targets' own lattices, duplicates dropped."""
     if target not in TARGETS:
         raise InputError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
     if points is None:
@@ -626,9 +629,11 @@ def target_lattice(target: str, points: str | Sequence[str] | None = None) -> tu
             raise InputError(f"lattice point {n!r}: target {target} executes only {', '.join(known)}")
         elif n in ("FP16", "W16A16"):
             out["FP16"] = Precision("FP16", 16, 16)
+        elif n in NVFP4_POINTS:
+            out[n] = NVFP4_POINTS[n]
         else:
             out[n] = Precision(n, *parse_precision(n))
-    return tuple(sorted(out.values(), key=lambda p: (p.w_bits, p.a_bits)))
+    return tuple(sorted(out.values(), key=lambda p: (p.w_cost, p.a_cost)))
 
 
 def parse_budget(text: str) -> Budget:
@@ -817,7 +822,7 @@ def policy_candidates(policy: str, errors: np.ndarray, lattice: Sequence[Precisi
     G = errors.shape[1]
     top = max(levels)
     uniform = [(p,) * G for p in range(len(lattice))
-               if lattice[p].w_bits <= top * budget.w_bits + 1e-9 and lattice[p].a_bits <= top * budget.a_bits + 1e-9
+               if lattice[p].w_cost <= top * budget.w_bits + 1e-9 and lattice[p].a_cost <= top * budget.a_bits + 1e-9
                and np.isfinite(errors[:, :, p]).all()]  # an infinite error: a point never proposed
     if policy in ("per-step", "uniform"):
         return lambda k: uniform
@@ -836,12 +841,12 @@ def usable_points(lattice: Sequence[Precision], budget: Budget) -> list[int]:
     budget on one axis needs another usable point below it on that axis (W3A8 under a W3A3
     budget needs a point with fewer than 3 activation bits). Cheapest (weight, activation bits)
     first. ``check_budget`` has made sure one point fits."""
-    use = sorted(range(len(lattice)), key=lambda i: (lattice[i].w_bits, lattice[i].a_bits))
+    use = sorted(range(len(lattice)), key=lambda i: (lattice[i].w_cost, lattice[i].a_cost))
     while True:
-        below_w = any(lattice[i].w_bits < budget.w_bits - 1e-9 for i in use)
-        below_a = any(lattice[i].a_bits < budget.a_bits - 1e-9 for i in use)
-        keep = [i for i in use if (below_w or lattice[i].w_bits <= budget.w_bits + 1e-9)
-                and (below_a or lattice[i].a_bits <= budget.a_bits + 1e-9)]
+        below_w = any(lattice[i].w_cost < budget.w_bits - 1e-9 for i in use)
+        below_a = any(lattice[i].a_cost < budget.a_bits - 1e-9 for i in use)
+        keep = [i for i in use if (below_w or lattice[i].w_cost <= budget.w_bits + 1e-9)
+                and (below_a or lattice[i].a_cost <= budget.a_bits + 1e-9)]
         if keep == use:
             return use
         use = keep
@@ -850,10 +855,10 @@ def usable_points(lattice: Sequence[Precision], budget: Budget) -> list[int]:
 def uniform_anchor(lattice: Sequence[Precision], budget: Budget, num_groups: int) -> Assignment | None:
     """The uniform assignment at the most bits the budget allows for every group at every step
     (W4A4 for a W4A4 budget; None if no lattice point fits)."""
-    fits = [i for i, p in enumerate(lattice) if p.w_bits <= budget.w_bits + 1e-9 and p.a_bits <= budget.a_bits + 1e-9]
+    fits = [i for i, p in enumerate(lattice) if p.w_cost <= budget.w_bits + 1e-9 and p.a_cost <= budget.a_bits + 1e-9]
     if not fits:
         return None
-    best = max(fits, key=lambda i: (lattice[i].w_bits + lattice[i].a_bits, lattice[i].a_bits))
+    best = max(fits, key=lambda i: (lattice[i].w_cost + lattice[i].a_cost, lattice[i].a_cost))
     return (best,) * num_groups
 
 
@@ -915,12 +920,13 @@ def layer_transform_factory(transformer: Any, graph: Any, weights: str = "gptq-f
     With ``prep`` (param -> :class:`~adatsq.passes.weights.LayerPrep`), a layer's copies quantize
     its smoothed low-rank residual and run with its smoothing and 16-bit branch; ``group_size``
     quantizes in groups of that many inputs where it divides them (else per channel). The
-    quantized copies made are kept in ``make.copies[(param, bits, group)]`` for the weights pass.
+    quantized copies made are kept in ``make.copies[copy_key(param, bits, group, fmt)]`` for the
+    weights pass. NVFP4 points quantize in their blocks of 16 (their own scales).
     ``group_max_bits``: wider copies are per output channel (deployment targets run INT8 weights
     per channel). ``fisher_mix`` tempers the Fisher weighting (:func:`~adatsq.passes.weights.mix_hessians`)."""
     from .gptq import gptq
-    from .weights import mix_hessians
-    from .quant import quantize_weight
+    from .weights import copy_key, mix_hessians
+    from .quant import nvfp4_block, quantize_weight
     from .transforms import LayerTransform
 
     if weights not in WEIGHTS:
@@ -936,20 +942,25 @@ def layer_transform_factory(transformer: Any, graph: Any, weights: str = "gptq-f
             return LayerTransform(w, prec.a_bits)  # 16-bit: the layer as it is
         pr = prep.get(param)
         wq = pr.residual(w) if pr is not None else w
-        group = (group_size if group_size and prec.w_bits <= group_max_bits and wq.shape[1] % group_size == 0
-                 else None)
-        key = (param, prec.w_bits, group)
+        if prec.fmt == "nvfp4":  # blocks of 16 whatever the build's integer group size
+            group = nvfp4_block(wq.shape[1])
+        else:
+            group = (group_size if group_size and prec.w_bits <= group_max_bits and wq.shape[1] % group_size == 0
+                     else None)
+        key = copy_key(param, prec.w_bits, group, prec.fmt)
         if key not in copies:
             if weights == "rtn":
-                copies[key] = quantize_weight(wq, prec.w_bits, group)
+                copies[key] = quantize_weight(wq, prec.w_bits, group, fmt=prec.fmt)
             else:
                 h = get_annotation(nodes[param][0], HessianRef)
                 if h is None:
                     raise InputError(f"search: {param} has no Hessian for GPTQ weights (use weights='rtn')")
                 hm = (mix_hessians(h.mean(0), h.mean(1), fisher_mix) if weights == "gptq-fisher" else h.mean(0))
-                copies[key] = gptq(wq, pr.hessian(hm) if pr is not None else hm, prec.w_bits, group)
+                copies[key] = gptq(wq, pr.hessian(hm) if pr is not None else hm, prec.w_bits, group, fmt=prec.fmt)
         deq = copies[key].dequantize().reshape(wq.shape)
-        return pr.transform(deq, prec.a_bits) if pr is not None else LayerTransform(deq, prec.a_bits)
+        a_fmt = prec.fmt if prec.a_bits < 16 else "int"
+        return (pr.transform(deq, prec.a_bits, a_fmt) if pr is not None
+                else LayerTransform(deq, prec.a_bits, a_fmt=a_fmt))
 
     make.copies = copies
     return make

@@ -46,18 +46,22 @@ class LayerTransform:
     # deployed numerics (backends/onnx_qdq.py): a static per-tensor activation scale from calibration
     # replaces the search's dynamic per-token Q_a (None: per token, the simulation's default)
     act_scale: torch.Tensor | float | None = None
+    a_fmt: str = "int"  # number format of Q_a: "int" (per token) or "nvfp4" (blocks of 16, dynamic)
 
     def __post_init__(self):
         # a block-diagonal rotation with equal blocks (block_hadamard) is applied block-wise:
         # K * b multiply-adds per token instead of K^2
         object.__setattr__(self, "_block", None if self.rotation is None else _repeated_block(self.rotation))
+        if self.act_scale is not None and self.a_fmt != "int":
+            raise ValueError(f"a static activation scale needs integer activations, not {self.a_fmt}")
 
     def to(self, device: torch.device | str) -> "LayerTransform":
         """The same transform with its tensors on ``device``."""
         mv = (lambda t: None if t is None else t.to(device))
         return LayerTransform(self.weight.to(device), self.a_bits, mv(self.smooth), mv(self.rotation),
                               None if self.low_rank is None else tuple(t.to(device) for t in self.low_rank),
-                              self.act_scale.to(device) if isinstance(self.act_scale, torch.Tensor) else self.act_scale)
+                              self.act_scale.to(device) if isinstance(self.act_scale, torch.Tensor) else self.act_scale,
+                              self.a_fmt)
 
     def input(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth is not None:
@@ -73,7 +77,7 @@ class LayerTransform:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         xt = self.input(x)
-        xq = (fake_quant_tokens(xt, self.a_bits) if self.act_scale is None
+        xq = (fake_quant_tokens(xt, self.a_bits, fmt=self.a_fmt) if self.act_scale is None
               else fake_quant_static(xt, self.a_bits, self.act_scale))
         y = F.linear(xq, self.weight, bias)
         if self.low_rank is not None:

@@ -19,6 +19,9 @@ File format (``weights.safetensors``, loaded with :func:`load_weight_copies`): p
 ``<param>@w<bits>[g<group>].codes`` (int8 codes ``[O, K]``; for 4 bits and fewer, uint8 with two
 codes per byte, low nibble first, as ONNX packs INT4) and ``...scales`` (float32 ``[O, K/g]``,
 ``[O, 1]`` per output channel), with the index in the header metadata (``adatsq.weights``: JSON).
+NVFP4 copies (``fmt`` in the index) are ``<param>@nvfp4``: E2M1 nibbles (sign in bit 3), two per
+byte, and float32 scales ``[O, K/16]`` holding half of each block's scale (see
+:class:`~adatsq.passes.quant.QuantizedWeight`).
 Each copy dequantizes exactly to the reference numerics of :mod:`adatsq.passes.quant`.
 """
 
@@ -36,14 +39,33 @@ from ..errors import InputError
 from .annotations import annotate, get_annotation, register_annotation
 from .gptq import GPTQOptions, gptq, weighted_error
 from .infra import Pass, PassResult, PreconditionError
-from .quant import QuantizedWeight, pack_int4, quantize_weight, unpack_int4
+from .quant import QuantizedWeight, nvfp4_block, pack_fp4, pack_int4, quantize_weight, unpack_fp4, unpack_int4
 
 HESSIANS = ("fisher", "uniform", "none")
 FORMAT = "adatsq.weights"
 
 
-def copy_name(param: str, bits: int, group_size: int | None) -> str:
+def copy_name(param: str, bits: int, group_size: int | None, fmt: str = "int") -> str:
+    if fmt != "int":
+        return f"{param}@{fmt}"
     return f"{param}@w{bits}" + (f"g{group_size}" if group_size else "")
+
+
+def copy_key(param: str, bits: int, group_size: int | None, fmt: str = "int") -> tuple[str, int, int | None, str]:
+    """How a weight copy is keyed (requests, precomputed copies, the file's index)."""
+    return param, int(bits), group_size, fmt
+
+
+def _request(item: tuple, k: int | None = None) -> tuple[int, int | None, str]:
+    """A copy request, ``(bits, group)`` or ``(bits, group, fmt)`` -> ``(bits, group, fmt)``; an
+    NVFP4 copy's group is its block (:func:`~adatsq.passes.quant.nvfp4_block` of the ``k`` inputs)."""
+    bits, group, fmt = (*item, "int") if len(item) == 2 else item
+    if fmt == "nvfp4" and group is None and k is not None:
+        try:
+            group = nvfp4_block(k)
+        except ValueError:
+            pass  # reported with the layer's name by GPTQWeights
+    return int(bits), group, fmt
 
 
 @register_annotation("adatsq.weights")
@@ -85,10 +107,10 @@ class LayerPrep:
         s = self.smooth.double()
         return h / s[:, None] / s[None, :]
 
-    def transform(self, weight: torch.Tensor, a_bits: int):
+    def transform(self, weight: torch.Tensor, a_bits: int, a_fmt: str = "int"):
         from .transforms import LayerTransform
 
-        return LayerTransform(weight, a_bits, smooth=self.smooth, low_rank=self.low_rank)
+        return LayerTransform(weight, a_bits, smooth=self.smooth, low_rank=self.low_rank, a_fmt=a_fmt)
 
 
 def prepare_layers(calib: Any, latents: torch.Tensor, layers: Iterable[str], w_bits: int, a_bits: int,
@@ -153,9 +175,10 @@ def _code_spec(shape: tuple[int, int], bits: int) -> tuple[torch.dtype, tuple[in
 
 
 class GPTQWeights(Pass):
-    """Quantize every requested (layer, bits, group) copy and stream them to ``path``.
+    """Quantize every requested (layer, bits, group[, format]) copy and stream them to ``path``.
 
-    ``requests`` maps a layer's weight parameter name to the (bits, group_size) pairs it needs.
+    ``requests`` maps a layer's weight parameter name to the (bits, group_size) pairs it needs, or
+    (bits, group_size, fmt) triples for another number format than integers (``"nvfp4"``).
     Layers need ``adatsq.hessian`` annotations (``weighted`` mode) unless ``hessian="none"``.
     """
 
@@ -165,7 +188,7 @@ class GPTQWeights(Pass):
                  path: str | Path, hessian: str = "fisher", options: GPTQOptions = GPTQOptions(),
                  progress: Callable[[str, int, int], None] | None = None,
                  prep: Mapping[str, LayerPrep] | None = None,
-                 precomputed: Mapping[tuple[str, int, int | None], QuantizedWeight] | None = None,
+                 precomputed: Mapping[tuple[str, int, int | None, str], QuantizedWeight] | None = None,
                  fisher_mix: float = 1.0):
         if hessian not in HESSIANS:
             raise InputError(f"weights: unknown Hessian {hessian!r} (known: {', '.join(HESSIANS)})")
@@ -175,7 +198,10 @@ class GPTQWeights(Pass):
         self.fisher_mix = float(fisher_mix)
         options.validate()
         self.transformer = transformer
-        self.requests = {p: tuple(dict.fromkeys((int(b), g) for b, g in v)) for p, v in requests.items()}
+        params = dict(transformer.named_parameters())
+        k_of = {p: params[p].reshape(params[p].shape[0], -1).shape[1] for p in requests if p in params}
+        self.requests = {p: tuple(dict.fromkeys(_request(tuple(r), k_of.get(p)) for r in v))
+                         for p, v in requests.items()}
         self.path = Path(path)
         self.hessian = hessian
         self.options = options
@@ -184,8 +210,8 @@ class GPTQWeights(Pass):
         # per layer: smoothing + low-rank branch shared by its copies (the copies quantize the residual)
         self.prep = {p: v for p, v in (prep or {}).items() if p in self.requests}
         # copies already computed with the same Hessian and options (e.g. by the search): reused as they are
-        self.precomputed = dict(precomputed or {})
-        params = dict(transformer.named_parameters())
+        # keyed by copy_key; (param, bits, group) keys name integer copies
+        self.precomputed = {copy_key(*k): q for k, q in (precomputed or {}).items()}
         for p, copies in self.requests.items():  # bad requests fail here, before any work
             if p not in params:
                 raise InputError(f"weights: {p} is not a parameter of the model")
@@ -194,7 +220,17 @@ class GPTQWeights(Pass):
             if pr is not None and (pr.smooth.shape != (k,) or (pr.low_rank is not None and (
                     pr.low_rank[0].shape[0] != params[p].shape[0] or pr.low_rank[1].shape[1] != k))):
                 raise InputError(f"weights: {p}: smoothing / low-rank shapes do not fit its {tuple(params[p].shape)} weight")
-            for bits, group in copies:
+            for bits, group, fmt in copies:
+                if fmt not in ("int", "nvfp4"):
+                    raise InputError(f"weights: {p}: unknown number format {fmt!r} (known: int, nvfp4)")
+                if fmt == "nvfp4":
+                    try:
+                        block = nvfp4_block(k)
+                    except ValueError as exc:
+                        raise InputError(f"weights: {p}: {exc}") from None
+                    if bits != 4 or group != block:
+                        raise InputError(f"weights: {p}: NVFP4 copies are 4-bit in blocks of {block}, "
+                                         f"not {bits}-bit in groups of {group}")
                 if not 2 <= bits <= 8:
                     raise InputError(f"weights: {p}: {bits}-bit copies are not integer-quantizable (2..8)")
                 if group is not None and (group <= 0 or k % group):
@@ -247,22 +283,23 @@ class GPTQWeights(Pass):
                 hu = pr.hessian(hu) if hu is not None else None
                 hq = pr.hessian(hq) if hq is not None else None
             rtn_err, err = [], []
-            for bits, group in self.requests[p]:
-                rtn = quantize_weight(wq, bits, group)
+            for bits, group, fmt in self.requests[p]:
                 try:
-                    q = self.precomputed.get((p, bits, group))
+                    rtn = quantize_weight(wq, bits, group, fmt=fmt)
+                    q = self.precomputed.get(copy_key(p, bits, group, fmt))
                     if q is None:
-                        q = rtn if hq is None else gptq(wq, hq, bits, group, self.options)
+                        q = rtn if hq is None else gptq(wq, hq, bits, group, self.options, fmt=fmt)
                 except ValueError as exc:
-                    raise InputError(f"weights: {p} at {bits} bits: {exc}") from None
+                    raise InputError(f"weights: {p} at {bits} bits ({fmt}): {exc}") from None
                 if hu is not None:
                     rtn_err.append(weighted_error(wq, rtn.dequantize(), hu) / max(norm, 1e-30))
                     err.append(weighted_error(wq, q.dequantize().reshape(wq.shape), hu) / max(norm, 1e-30))
                 else:
                     rtn_err.append(float("nan"))
                     err.append(float("nan"))
-                name = copy_name(p, bits, group)
-                yield f"{name}.codes", pack_int4(q.codes) if _packed(bits) else q.codes.contiguous()
+                name = copy_name(p, bits, group, fmt)
+                packer = pack_fp4 if fmt == "nvfp4" else pack_int4
+                yield f"{name}.codes", packer(q.codes) if _packed(bits) else q.codes.contiguous()
                 yield f"{name}.scales", q.scales.float().contiguous()
                 done += 1
                 self.progress("weights", done, total)
@@ -289,19 +326,20 @@ class GPTQWeights(Pass):
                     specs.append((f"{p}.low_rank_b", torch.float32, (r, k)))
                     entry.update(low_rank=[f"{p}.low_rank_a", f"{p}.low_rank_b"], rank=r)
                 preps.append(entry)
-            for bits, group in self.requests[p]:
-                name = copy_name(p, bits, group)
+            for bits, group, fmt in self.requests[p]:
+                name = copy_name(p, bits, group, fmt)
                 dtype, shape = _code_spec((o, k), bits)
                 specs.append((f"{name}.codes", dtype, shape))
                 specs.append((f"{name}.scales", torch.float32, (o, 1 if group is None else k // group)))
                 index.append(dict(name=name, param=p, bits=bits, group_size=group, shape=[o, k],
-                                  weight_shape=list(params[p].shape), packed=_packed(bits)))
+                                  weight_shape=list(params[p].shape), packed=_packed(bits),
+                                  **({} if fmt == "int" else dict(fmt=fmt))))
         meta = {FORMAT: json.dumps(dict(version=1, hessian=self.hessian, fisher_mix=self.fisher_mix,
                                         copies=index, preps=preps,
                                         gptq=dataclasses.asdict(self.options)))}
         stream_safetensors(self.path, specs, self._layer_copies(graph), meta)
         for p, (rtn_err, err) in self._errors.items():
-            value = WeightCopies(p, str(self.path), tuple(copy_name(p, b, g) for b, g in self.requests[p]),
+            value = WeightCopies(p, str(self.path), tuple(copy_name(p, *r) for r in self.requests[p]),
                                  self.hessian, tuple(rtn_err), tuple(err))
             for node in nodes[p]:
                 annotate(node, value)
@@ -311,11 +349,11 @@ class GPTQWeights(Pass):
 
 @dataclasses.dataclass(frozen=True)
 class WeightCopyIndex:
-    """A weights file, opened lazily: ``get(param, bits, group)`` reads one copy."""
+    """A weights file, opened lazily: ``get(param, bits, group, fmt)`` reads one copy."""
 
     path: Path
     hessian: str
-    copies: dict[tuple[str, int, int | None], dict]
+    copies: dict[tuple[str, int, int | None, str], dict]  # copy_key -> index entry
     preps: dict[str, dict] = dataclasses.field(default_factory=dict)
 
     def prep(self, param: str) -> LayerPrep | None:
@@ -330,26 +368,29 @@ class WeightCopyIndex:
             lr = tuple(f.get_tensor(n) for n in entry["low_rank"]) if entry.get("low_rank") else None
         return LayerPrep(sm, lr)
 
-    def find(self, param: str, bits: int) -> QuantizedWeight:
-        """The ``bits``-bit copy of ``param``, whatever its group size (a plan names bits only)."""
-        groups = [g for (p, b, g) in self.copies if p == param and b == bits]
+    def find(self, param: str, bits: int, fmt: str = "int") -> QuantizedWeight:
+        """The ``bits``-bit copy of ``param`` in format ``fmt``, whatever its group size (a plan
+        names bits and format only)."""
+        groups = [g for (p, b, g, f) in self.copies if p == param and b == bits and f == fmt]
         if not groups:
-            raise InputError(f"{self.path}: no {bits}-bit copy of {param} in this file")
-        return self.get(param, bits, groups[0])
+            what = "NVFP4" if fmt == "nvfp4" else f"{bits}-bit"
+            raise InputError(f"{self.path}: no {what} copy of {param} in this file")
+        return self.get(param, bits, groups[0], fmt)
 
-    def get(self, param: str, bits: int, group_size: int | None = None) -> QuantizedWeight:
+    def get(self, param: str, bits: int, group_size: int | None = None, fmt: str = "int") -> QuantizedWeight:
         from safetensors import safe_open
 
-        entry = self.copies.get((param, bits, group_size))
+        entry = self.copies.get(copy_key(param, bits, group_size, fmt))
         if entry is None:
-            raise InputError(f"{self.path}: no {bits}-bit copy of {param}"
+            raise InputError(f"{self.path}: no {'NVFP4' if fmt == 'nvfp4' else f'{bits}-bit'} copy of {param}"
                              + (f" in groups of {group_size}" if group_size else "") + " in this file")
         with safe_open(str(self.path), framework="pt") as f:
             codes = f.get_tensor(f"{entry['name']}.codes")
             scales = f.get_tensor(f"{entry['name']}.scales")
         shape = tuple(entry["shape"])
-        codes = unpack_int4(codes, shape) if entry["packed"] else codes
-        return QuantizedWeight(codes, scales, bits, group_size, tuple(entry["weight_shape"]))
+        unpack = unpack_fp4 if fmt == "nvfp4" else unpack_int4
+        codes = unpack(codes, shape) if entry["packed"] else codes
+        return QuantizedWeight(codes, scales, bits, group_size, tuple(entry["weight_shape"]), fmt)
 
 
 def load_weight_copies(path: str | Path) -> WeightCopyIndex:
@@ -368,7 +409,7 @@ def load_weight_copies(path: str | Path) -> WeightCopyIndex:
         raise InputError(f"{path}: not an adatsq weights file (no '{FORMAT}' metadata)")
     try:
         info = json.loads(meta[FORMAT])
-        copies = {(c["param"], int(c["bits"]), c["group_size"]): c for c in info["copies"]}
+        copies = {copy_key(c["param"], c["bits"], c["group_size"], c.get("fmt", "int")): c for c in info["copies"]}
         preps = {e["param"]: e for e in info.get("preps", [])}
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: malformed '{FORMAT}' metadata ({exc})") from None
@@ -399,9 +440,10 @@ def plan_transforms(plan: Any, weights: WeightCopyIndex | None, transformer: tor
                 if prec.w_bits < 16:
                     if weights is None:
                         raise InputError(f"plan: {param} runs at {prec.name} but no weights file was given")
-                    w = weights.find(param, prec.w_bits).dequantize().reshape(w.shape).to(w.dtype)
-                    made[prec.name] = (prep.transform(w, prec.a_bits) if prep is not None
-                                       else LayerTransform(w, prec.a_bits))
+                    w = weights.find(param, prec.w_bits, prec.fmt).dequantize().reshape(w.shape).to(w.dtype)
+                    a_fmt = prec.fmt if prec.a_bits < 16 else "int"
+                    made[prec.name] = (prep.transform(w, prec.a_bits, a_fmt) if prep is not None
+                                       else LayerTransform(w, prec.a_bits, a_fmt=a_fmt))
                 else:
                     made[prec.name] = LayerTransform(w, prec.a_bits)
             steps.append(made[prec.name])

@@ -225,7 +225,7 @@ def test_weights_of_a_given_plan_equal_the_copies_the_search_scored(analysed_tin
         g = 8 if params[p].reshape(params[p].shape[0], -1).shape[1] % 8 == 0 else None
         if bits:
             requests[p] = [(b, g) for b in bits]
-    assert requests and set(make.copies) >= {(p, b, g) for p, v in requests.items() for b, g in v}
+    assert requests and set(make.copies) >= {(p, b, g, "int") for p, v in requests.items() for b, g in v}
     for name, pre in (("scored", make.copies), ("fresh", None)):
         GPTQWeights(tr, requests, tmp_path / f"{name}.safetensors", hessian="fisher", precomputed=pre,
                     fisher_mix=0.5)(graph)

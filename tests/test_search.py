@@ -441,7 +441,7 @@ def test_deployment_targets_keep_8_bit_copies_per_channel(analysed_tiny):
         make = layer_transform_factory(tr, graph, "rtn", group_size=16, group_max_bits=gmax)
         make(p, Precision("W4A16", 4, 16))
         make(p, Precision("W8A8", 8, 8))
-        assert set(make.copies) == {(p, 4, 16), (p, 8, want8)}, gmax
+        assert set(make.copies) == {(p, 4, 16, "int"), (p, 8, want8, "int")}, gmax
 
 
 def _brute_force(e, costs, budget, ok=lambda pol: True):

@@ -255,9 +255,10 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     requests: dict[str, list] = {}
     params = dict(ref.denoiser.transformer.named_parameters())
     for i, p in enumerate(plan.layers):
-        bits = {by_name[row[i]].w_bits for row in plan.assignment}
+        kinds = {(by_name[row[i]].w_bits, by_name[row[i]].fmt) for row in plan.assignment}
         g = group if group and params[p].shape[1] % group == 0 else None
-        requests[p] = [(b, g if b <= group_max_bits(opts.target) else None) for b in sorted(bits) if b < 16]
+        requests[p] = [(b, g if b <= group_max_bits(opts.target) else None) if f == "int" else (b, None, f)
+                       for b, f in sorted(kinds) if b < 16]
     requests = {p: v for p, v in requests.items() if v}
     hess = "none" if opts.weights == "rtn" else ("uniform" if opts.weights == "gptq" else "fisher")
     # the copies the search scored are written as they are (same Hessian, same residual)
@@ -473,7 +474,7 @@ def plan_copy_bits(plan, params: dict) -> float:
     tot = n = 0
     for i, name in enumerate(plan.layers):
         size = params[name].numel()
-        tot += size * sum(by_name[q].w_bits for q in {row[i] for row in plan.assignment})
+        tot += size * sum(by_name[q].w_cost for q in {row[i] for row in plan.assignment})
         n += size
     return tot / max(n, 1)
 
@@ -493,8 +494,8 @@ def plan_memory(plan, params: dict, requests: dict, prep) -> dict[str, Any]:
         used = {by_name[row[i]] for row in plan.assignment}
         if any(u.w_bits >= 16 for u in used):
             fp16 += 2 * w.numel()
-        for bits, group in requests.get(p, []):
-            copies += (w.numel() * bits + 7) // 8 + 2 * o * (k // group if group else 1)
+        for bits, group, *fmt in requests.get(p, []):  # NVFP4: one FP8 scale per block, else 16-bit
+            copies += (w.numel() * bits + 7) // 8 + (1 if fmt == ["nvfp4"] else 2) * o * (k // group if group else 1)
         pr = (prep or {}).get(p)
         if pr is not None and p in requests:
             extra += 2 * k + (2 * pr.low_rank[0].shape[1] * (o + k) if pr.low_rank is not None else 0)

@@ -47,6 +47,11 @@ Layouts (made by the ``pack_*`` helpers, once per weight at preparation time):
   unpacking is two integer ops per byte and the 1/16 is folded into the weight scale at packing
   (exact: a power of two). INT2/INT3 codes (bits <= 4) use the same container.
 
+FP8 attention (issue 9): :func:`fp8_attention` is a flash-attention forward on E4M3 Q, K, V (per-row
+Q/K scales, per-channel V scales, P in E4M3 at the fixed scale 1/448 against the online softmax's
+running max) with its torch reference ``_fp8_attention_ref``; ``backends/attention.py`` routes
+diffusers' SDPA calls to it (docs/kernels.md, "FP8 attention").
+
 Autotuning: every GEMM kernel is ``triton.autotune``-d over a short config list keyed on
 ``(M, N, K)`` (and the flags that change the kernel), so each shape is tuned once per process at
 its first call (a few configs x ~0.1 s); compiled binaries go to Triton's on-disk cache
@@ -60,6 +65,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 import os
 
 import torch
@@ -1022,3 +1028,525 @@ def warm_up(shapes, device="cuda", formats=("w8a8", "fp8", "w4a8", "w4a16"), gro
             if "w4a16" in formats:
                 w4a16_linear(x, pw)
     torch.cuda.synchronize(device)
+
+
+# ============================================================================ FP8 attention
+# A flash-attention forward (online softmax, one program per (query block, batch x head)) on FP8
+# E4M3 operands, written for Hopper (tl.dot on float8e4nv: wgmma). The structure follows the
+# Triton fused-attention tutorial (python/tutorials/06-fused-attention.py: exp2 with log2(e)
+# folded into the logit scale, K loaded transposed, V in "N-contiguous" layout for FP8 on Hopper,
+# whose FP8 wgmma reads both operands K-major); the numerics are issue 9's (passes/quant.py:
+# fp8_sdpa) with the changes documented in ``fp8_attention``.
+
+#: head dims the FP8 attention takes (the kernel's tiles hold one whole head row)
+FP8_ATTN_HEAD_DIMS = (64, 128)
+#: the reference's key-block size: the kernel's numerics are those of ``_fp8_attention_ref`` with
+#: ``block_n`` = the BLOCK_N of the config that ran (the online softmax quantizes each block's
+#: probabilities against the running max); 128 is the block of the configs expected to win on Hopper
+FP8_ATTN_REF_BLOCK_N = 128
+_LOG2E = 1.4426950408889634
+_LOG2_FP8_MAX = math.log2(FP8_MAX)
+_ATTN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+#: candidate configs of the attention kernel (autotuned per (M, N, HEAD_DIM)); 128 x 128 tiles
+#: need 8 warps (the 128 x 128 float32 logits and accumulator in registers)
+FP8_ATTN_CONFIGS = [
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4),
+]
+#: rows a program of the Q/K quantization pass handles; key rows a program of V's column-amax pass
+#: reads (in SUB-row steps); key rows a program of V's quantization pass writes
+FP8_ATTN_QUANT_ROWS = 16
+FP8_ATTN_V_CHUNK = 256
+FP8_ATTN_V_SUB = 32
+FP8_ATTN_V_BLOCK = 64
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _pinned_attention_config() -> dict | None:
+    """``ADATSQ_FP8_ATTN_CONFIG=BLOCK_M,BLOCK_N,num_warps,num_stages`` (e.g. ``128,128,8,3``): run
+    that config instead of autotuning (saves the tuning's compilations in a cold process)."""
+    spec = os.environ.get("ADATSQ_FP8_ATTN_CONFIG", "").strip()
+    if not spec:
+        return None
+    try:
+        bm, bn, warps, stages = (int(x) for x in spec.split(","))
+    except ValueError:
+        raise ValueError(f"ADATSQ_FP8_ATTN_CONFIG={spec!r}: expected BLOCK_M,BLOCK_N,num_warps,num_stages") from None
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _e4m3_grid(x):
+        """``x`` rounded to the nearest float8 E4M3 value (ties to even, saturating at +-448), still
+        float32: the next ``.to(tl.float8e4nv)`` is then exact. Used only under Triton's CPU
+        interpreter, whose float32 -> fp8 cast mis-rounds where rounding carries into the exponent
+        (triton 3.6: 31.1 -> 16 instead of 32); on the GPU the cast (cvt.rn.satfinite) is correct.
+        Adding 2^(e + 20) to ``|x|`` in [2^e, 2^(e+1)) leaves float32 a spacing of 2^(e - 3), E4M3's
+        (2^-9 below 2^-6: its subnormals)."""
+        a = tl.abs(x)
+        e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        e = tl.maximum(e, -6)
+        c = ((e + 147) << 23).to(tl.float32, bitcast=True)
+        r = tl.minimum((a + c) - c, 448.0)
+        return tl.where(x < 0, -r, r)
+
+    @triton.jit
+    def _attn_quant_rows_kernel(x_ptr, c_ptr, s_ptr, H, N, sxb, sxh, sxn,
+                                HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, EXACT_CAST: tl.constexpr):
+        """Q or K [B, H, N, D] (any strides, D contiguous) -> E4M3 codes [B, H, N, D] (contiguous) and
+        one float32 scale per (b, h, token) row, max|x| / 448 (IEEE division), as ``_quant_rows_kernel``."""
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, HEAD_DIM)
+        rmask = rows < N
+        rows64 = rows.to(tl.int64)
+        x = tl.load(x_ptr + b * sxb + h * sxh + rows64[:, None] * sxn + cols[None, :], mask=rmask[:, None],
+                    other=0.0).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12)
+        scale = tl.math.div_rn(amax, tl.full([ROWS], 448.0, tl.float32))
+        y = tl.math.div_rn(x, tl.broadcast_to(scale[:, None], [ROWS, HEAD_DIM]))
+        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        if EXACT_CAST:
+            y = _e4m3_grid(y)
+        bh64 = bh.to(tl.int64)
+        tl.store(c_ptr + bh64 * N * HEAD_DIM + rows64[:, None] * HEAD_DIM + cols[None, :], y.to(tl.float8e4nv),
+                 mask=rmask[:, None])
+        tl.store(s_ptr + bh64 * N + rows, scale, mask=rmask)
+
+    @triton.jit
+    def _attn_v_amax_kernel(v_ptr, part_ptr, H, N, svb, svh, svn,
+                            HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr):
+        """V [B, H, N, D]: max |v| over each CHUNK of key rows, per column -> part [B*H, chunks, D]."""
+        chunk = tl.program_id(0)
+        bh = tl.program_id(1)
+        nchunks = tl.num_programs(0)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        cols = tl.arange(0, HEAD_DIM)
+        acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        for r0 in range(chunk * CHUNK, chunk * CHUNK + CHUNK, SUB):
+            rows = r0 + tl.arange(0, SUB)
+            x = tl.load(v_ptr + b * svb + h * svh + rows.to(tl.int64)[:, None] * svn + cols[None, :],
+                        mask=(rows < N)[:, None], other=0.0).to(tl.float32)
+            acc = tl.maximum(acc, tl.max(tl.abs(x), axis=0))
+        tl.store(part_ptr + (bh.to(tl.int64) * nchunks + chunk) * HEAD_DIM + cols, acc)
+
+    @triton.jit
+    def _attn_quant_v_kernel(v_ptr, part_ptr, c_ptr, s_ptr, H, N, NCHUNK, svb, svh, svn,
+                             HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, NCHUNK_P2: tl.constexpr,
+                             EXACT_CAST: tl.constexpr):
+        """V [B, H, N, D] -> E4M3 codes of V^T [B, H, D, N] (contiguous: the key axis is the K axis of
+        P @ V, which Hopper's FP8 wgmma wants contiguous) with one float32 scale per (b, h, channel),
+        max over the keys of |v| / 448 (from the partial maxima of ``_attn_v_amax_kernel``)."""
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        bh64 = bh.to(tl.int64)
+        ch = tl.arange(0, NCHUNK_P2)
+        cols = tl.arange(0, HEAD_DIM)
+        parts = tl.load(part_ptr + (bh64 * NCHUNK + ch)[:, None] * HEAD_DIM + cols[None, :],
+                        mask=(ch < NCHUNK)[:, None], other=0.0)
+        amax = tl.maximum(tl.max(parts, axis=0), 1e-12)
+        scale = tl.math.div_rn(amax, tl.full([HEAD_DIM], 448.0, tl.float32))
+        rows = pid * BLOCK + tl.arange(0, BLOCK)
+        rmask = rows < N
+        rows64 = rows.to(tl.int64)
+        x = tl.load(v_ptr + b * svb + h * svh + rows64[:, None] * svn + cols[None, :], mask=rmask[:, None],
+                    other=0.0).to(tl.float32)
+        y = tl.math.div_rn(x, tl.broadcast_to(scale[None, :], [BLOCK, HEAD_DIM]))
+        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        if EXACT_CAST:
+            y = _e4m3_grid(y)
+        tl.store(c_ptr + bh64 * HEAD_DIM * N + cols[None, :] * N + rows64[:, None], y.to(tl.float8e4nv),
+                 mask=rmask[:, None])
+        if pid == 0:
+            tl.store(s_ptr + bh64 * HEAD_DIM + cols, scale)
+
+    @triton.jit
+    def _fp8_attention_fwd_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, o_ptr,
+                                  H, M, N, qk_scale,
+                                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svd, sob, soh, som,
+                                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                  EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EXACT_CAST: tl.constexpr):
+        """out[b, h, m] = sum_n P[m, n] V[n] / sum_n P[m, n] on E4M3 operands: Q codes [B, H, M, D],
+        K codes [B, H, N, D] (D contiguous), V^T codes [B, H, D, N] (N contiguous); float32 scales per
+        Q row (qs [B, H, M]), per K row (ks [B, H, N]) and per V channel (vs [B, H, D]); ``qk_scale``
+        = softmax scale x log2(e). Logits in log2 units: s = (Q8 . K8^T) * ks[n] * (qs[m] * qk_scale);
+        running max m; P = exp2(s - m + log2(448)) = 448 exp(S - m) in (0, 448], its E4M3 codes the A
+        operand of the PV product (FP8 scale 1/448; the row sum l sums the unquantized P, so the 448
+        cancels in acc / l); acc = acc * alpha + P8 . V8 (the FP8 product summed apart from the
+        running float32 accumulator: Hopper's FP8 MMA accumulates with reduced precision); out =
+        acc / l * vs."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        bh64 = bh.to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q_ptrs = q_ptr + b * sqb + h * sqh + offs_m.to(tl.int64)[:, None] * sqm + offs_d[None, :]
+        if EVEN_M:
+            q = tl.load(q_ptrs)
+            qrow = tl.load(qs_ptr + bh64 * M + offs_m) * qk_scale
+        else:
+            q = tl.load(q_ptrs, mask=(offs_m < M)[:, None], other=0.0)
+            qrow = tl.load(qs_ptr + bh64 * M + offs_m, mask=offs_m < M, other=1.0) * qk_scale
+        kt_ptrs = k_ptr + b * skb + h * skh + offs_n.to(tl.int64)[None, :] * skn + offs_d[:, None]  # [D, BLOCK_N]
+        v_ptrs = v_ptr + b * svb + h * svh + offs_d.to(tl.int64)[None, :] * svd + offs_n[:, None]  # [BLOCK_N, D]
+        ks_ptrs = ks_ptr + bh64 * N + offs_n
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for start_n in range(0, N, BLOCK_N):
+            if EVEN_N:
+                kt = tl.load(kt_ptrs)
+                ksc = tl.load(ks_ptrs)
+            else:
+                nmask = (start_n + offs_n) < N
+                kt = tl.load(kt_ptrs, mask=nmask[None, :], other=0.0)
+                ksc = tl.load(ks_ptrs, mask=nmask, other=0.0)
+            s = tl.dot(q, kt)
+            s = (s * ksc[None, :]) * qrow[:, None]
+            if not EVEN_N:
+                s = tl.where(nmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            p = tl.math.exp2(s - (m_new - 8.807354922057604)[:, None])  # log2(448): P in (0, 448]
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if EXACT_CAST:
+                p = _e4m3_grid(p)
+            if EVEN_N:
+                v = tl.load(v_ptrs)
+            else:
+                v = tl.load(v_ptrs, mask=nmask[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v)
+            m_i = m_new
+            kt_ptrs += BLOCK_N * skn
+            v_ptrs += BLOCK_N
+            ks_ptrs += BLOCK_N
+        vs = tl.load(vs_ptr + bh64 * HEAD_DIM + offs_d)
+        out = acc / l_i[:, None] * vs[None, :]
+        o_ptrs = o_ptr + b * sob + h * soh + offs_m.to(tl.int64)[:, None] * som + offs_d[None, :]
+        if EVEN_M:
+            tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty))
+        else:
+            tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(offs_m < M)[:, None])
+
+
+#: the attention kernel's mask-free flags, from the config's blocks (triton.heuristics)
+_ATTN_EVEN = {"EVEN_M": lambda a: a["M"] % a["BLOCK_M"] == 0, "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0}
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_fp8_attention():
+    """The attention kernel autotuned over FP8_ATTN_CONFIGS per (M, N, HEAD_DIM) (cached like the GEMMs)."""
+    return _autotune(FP8_ATTN_CONFIGS, ["M", "N", "HEAD_DIM", "EXACT_CAST"])(
+        triton.heuristics(_ATTN_EVEN)(_fp8_attention_fwd_kernel))
+
+
+@functools.lru_cache(maxsize=None)
+def _fp8_attention_even():
+    return triton.heuristics(_ATTN_EVEN)(_fp8_attention_fwd_kernel)
+
+
+# ---------------------------------------------------------------------------- checks
+def _check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, what: str = "fp8_attention") -> None:
+    """Clear errors (InputError, a ValueError) for inputs the FP8 attention does not take."""
+    from ..errors import InputError
+
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"{what}: {name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise InputError(f"{what}: {name} must be 4-D [batch, heads, tokens, head_dim], got shape "
+                             f"{tuple(t.shape)}")
+        if t.dtype not in _ATTN_DTYPES:
+            raise InputError(f"{what}: {name} has dtype {t.dtype}; it takes bfloat16, float16 or float32")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise InputError(f"{what}: query, key and value have different dtypes ({q.dtype}, {k.dtype}, {v.dtype})")
+    if not (q.device == k.device == v.device):
+        raise InputError(f"{what}: query, key and value are on different devices ({q.device}, {k.device}, {v.device})")
+    if k.shape != v.shape:
+        raise InputError(f"{what}: key {tuple(k.shape)} and value {tuple(v.shape)} must have the same shape")
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        raise InputError(f"{what}: query {tuple(q.shape)} and key {tuple(k.shape)} must agree in batch, heads and "
+                         "head_dim (no GQA)")
+    if q.shape[-1] not in FP8_ATTN_HEAD_DIMS:
+        raise InputError(f"{what}: head_dim {q.shape[-1]} is not supported (it takes "
+                         f"{' or '.join(map(str, FP8_ATTN_HEAD_DIMS))})")
+    if k.shape[2] == 0:
+        raise InputError(f"{what}: no keys (key has 0 tokens)")
+
+
+def _check_quantized(q8, qs, k8, ks, vt8, vs) -> tuple[int, int, int, int, int]:
+    from ..errors import InputError
+
+    if q8.dim() != 4 or k8.dim() != 4 or vt8.dim() != 4:
+        raise InputError("fp8_attention_quantized: codes must be 4-D (q8, k8 [B, H, tokens, D]; vt8 [B, H, D, keys])")
+    b, h, m, d = q8.shape
+    n = k8.shape[2]
+    for name, t in (("q8", q8), ("k8", k8), ("vt8", vt8)):
+        if t.dtype != torch.float8_e4m3fn:
+            raise InputError(f"fp8_attention_quantized: {name} must be float8_e4m3fn, got {t.dtype}")
+    if tuple(k8.shape) != (b, h, n, d) or tuple(vt8.shape) != (b, h, d, n):
+        raise InputError(f"fp8_attention_quantized: q8 {tuple(q8.shape)}, k8 {tuple(k8.shape)} and vt8 "
+                         f"{tuple(vt8.shape)} do not fit ([B, H, M, D], [B, H, N, D], [B, H, D, N])")
+    for name, t, shape in (("qs", qs, (b, h, m)), ("ks", ks, (b, h, n)), ("vs", vs, (b, h, d))):
+        if tuple(t.shape) != shape:
+            raise InputError(f"fp8_attention_quantized: {name} has shape {tuple(t.shape)}, expected {shape}")
+    if d not in FP8_ATTN_HEAD_DIMS:
+        raise InputError(f"fp8_attention_quantized: head_dim {d} is not supported (it takes "
+                         f"{' or '.join(map(str, FP8_ATTN_HEAD_DIMS))})")
+    if n == 0:
+        raise InputError("fp8_attention_quantized: no keys (0 tokens)")
+    return b, h, m, n, d
+
+
+# ---------------------------------------------------------------------------- torch reference
+def _attn_quant_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, H, N, D] -> E4M3 codes [B, H, N, D] (contiguous), scales [B, H, N]: per row, as
+    ``fake_quant_tokens_fp8`` (plain torch ops: traceable, fused by Inductor)."""
+    b, h, n, d = x.shape
+    codes, scales = _quantize_tokens_ref(x.reshape(b * h * n, d), fp8=True)
+    return codes.reshape(b, h, n, d), scales.reshape(b, h, n)
+
+
+def _attn_quant_v_ref(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """V [B, H, N, D] -> E4M3 codes of V^T [B, H, D, N] (contiguous), scales [B, H, D]: one scale per
+    (b, h, channel) over the keys."""
+    b, h, n, d = v.shape
+    codes, scales = _quantize_tokens_ref(v.transpose(-1, -2).reshape(b * h * d, n), fp8=True)
+    return codes.reshape(b, h, d, n), scales.reshape(b, h, d)
+
+
+def _attn_out(b, h, m, d, dtype, device) -> torch.Tensor:
+    """The output [B, H, M, D] laid out as [B, M, H, D] (what diffusers permutes it back to and
+    flattens: a view, no copy)."""
+    return torch.empty((b, m, h, d), dtype=dtype, device=device).permute(0, 2, 1, 3)
+
+
+def _fp8_attention_ref(q8, qs, k8, ks, vt8, vs, scale: float, out_dtype, block_n: int | None = FP8_ATTN_REF_BLOCK_N,
+                       max_elems: int = 1 << 24) -> torch.Tensor:
+    """What the kernel computes, in torch (any device): its float32 arithmetic in its order, the
+    Q8 . K8 dot exact (float64), its online softmax with key blocks of ``block_n`` (None: one block,
+    i.e. the global row max as in passes/quant.py's ``fp8_sdpa``): the probabilities of each block
+    are quantized against the running max after that block, and the block's contribution is
+    rescaled by exp2(m_block - m_final) (the product of the kernel's alphas). Queries in chunks of
+    at most ``max_elems`` logits."""
+    b, h, m, n, d = _check_quantized(q8, qs, k8, ks, vt8, vs)
+    dev = q8.device
+    bn = n if block_n is None else int(block_n)
+    nb = -(-n // bn)
+    pad = nb * bn - n
+    qk_scale = torch.tensor(scale * _LOG2E, dtype=torch.float32, device=dev)
+    l448 = torch.tensor(_LOG2_FP8_MAX, dtype=torch.float32, device=dev)
+    kf = k8.to(torch.float64)
+    vf = vt8.to(torch.float64).transpose(-1, -2)  # [B, H, N, D]
+    ksf = ks.float()
+    if pad:
+        vf = torch.cat([vf, vf.new_zeros((b, h, pad, d))], dim=2)
+    out = _attn_out(b, h, m, d, out_dtype, dev)
+    rows = max(1, max_elems // max(1, b * h * (n + pad)))
+    for r0 in range(0, m, rows):
+        r1 = min(m, r0 + rows)
+        dot = (q8[:, :, r0:r1].to(torch.float64) @ kf.transpose(-1, -2)).float()
+        s = (dot * ksf[:, :, None, :]) * (qs[:, :, r0:r1].float() * qk_scale)[..., None]
+        if pad:
+            s = torch.cat([s, s.new_full((b, h, r1 - r0, pad), float("-inf"))], dim=-1)
+        s = s.reshape(b, h, r1 - r0, nb, bn)
+        mrun = torch.cummax(s.amax(dim=-1), dim=-1).values  # running max after each block
+        p = torch.exp2(s - (mrun - l448)[..., None])
+        p8 = p.clamp(max=FP8_MAX).to(torch.float8_e4m3fn).float()
+        w = torch.exp2(mrun - mrun[..., -1:])[..., None]  # the kernel's alphas since each block
+        lsum = (p * w).sum(dim=(-2, -1))
+        acc = ((p8 * w).reshape(b, h, r1 - r0, nb * bn).double() @ vf).float()
+        out[:, :, r0:r1] = (acc / lsum[..., None] * vs.float()[:, :, None, :]).to(out_dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------- Triton launches
+def _attn_quant_rows_triton(x: torch.Tensor, rows: int = FP8_ATTN_QUANT_ROWS):
+    b, h, n, d = x.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    codes = torch.empty((b, h, n, d), device=x.device, dtype=torch.float8_e4m3fn)
+    scales = torch.empty((b, h, n), device=x.device, dtype=torch.float32)
+    if x.numel():
+        _attn_quant_rows_kernel[(triton.cdiv(n, rows), b * h)](
+            x, codes, scales, h, n, x.stride(0), x.stride(1), x.stride(2),
+            HEAD_DIM=d, ROWS=rows, EXACT_CAST=_interpreting(), num_warps=4)
+    return codes, scales
+
+
+def _attn_quant_v_triton(v: torch.Tensor):
+    b, h, n, d = v.shape
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    codes = torch.empty((b, h, d, n), device=v.device, dtype=torch.float8_e4m3fn)
+    scales = torch.empty((b, h, d), device=v.device, dtype=torch.float32)
+    if not v.numel():
+        return codes, scales
+    nchunks = triton.cdiv(n, FP8_ATTN_V_CHUNK)
+    part = torch.empty((b * h, nchunks, d), device=v.device, dtype=torch.float32)
+    _attn_v_amax_kernel[(nchunks, b * h)](v, part, h, n, v.stride(0), v.stride(1), v.stride(2),
+                                          HEAD_DIM=d, CHUNK=FP8_ATTN_V_CHUNK, SUB=FP8_ATTN_V_SUB, num_warps=4)
+    _attn_quant_v_kernel[(triton.cdiv(n, FP8_ATTN_V_BLOCK), b * h)](
+        v, part, codes, scales, h, n, nchunks, v.stride(0), v.stride(1), v.stride(2),
+        HEAD_DIM=d, BLOCK=FP8_ATTN_V_BLOCK, NCHUNK_P2=triton.next_power_of_2(nchunks),
+        EXACT_CAST=_interpreting(), num_warps=4)
+    return codes, scales
+
+
+def _fp8_attention_launch(q8, qs, k8, ks, vt8, vs, scale: float, out: torch.Tensor, config: dict | None = None):
+    """The attention kernel into ``out`` [B, H, M, D] (any strides, D contiguous); ``config``
+    (BLOCK_M, BLOCK_N, num_warps, num_stages) skips the autotuner."""
+    b, h, m, d = q8.shape
+    n = k8.shape[2]
+    q8 = q8 if q8.stride(-1) == 1 else q8.contiguous()
+    k8 = k8 if k8.stride(-1) == 1 else k8.contiguous()
+    vt8 = vt8 if vt8.stride(-1) == 1 else vt8.contiguous()
+    qs, ks, vs = (t.float().contiguous() for t in (qs, ks, vs))
+    if m == 0 or b * h == 0:
+        return out
+    config = config if config is not None else _pinned_attention_config()
+    with _kernel_errors("the FP8 attention kernel"):
+        return _fp8_attention_run(q8, qs, k8, ks, vt8, vs, scale, out, config)
+
+
+class _kernel_errors:
+    """Re-raises a Triton compilation/launch failure (an unsupported GPU or triton version, no config
+    that fits) as :class:`KernelUnavailable` naming the kernel, the device and the cause."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, exc, tb):
+        if exc is None or isinstance(exc, KernelUnavailable) or not isinstance(exc, Exception):
+            return False
+        try:
+            dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+        except Exception:  # noqa: BLE001 - a broken context: the cause below says more
+            dev = "the CUDA device"
+        ver = getattr(triton, "__version__", "?") if HAVE_TRITON else "not installed"
+        raise KernelUnavailable(f"{self.what} failed on {dev} (triton {ver}): {type(exc).__name__}: "
+                                f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}; "
+                                "backend='torch' runs the reference (or leave the attention to the stock "
+                                "SDPA)") from exc
+
+
+def _fp8_attention_run(q8, qs, k8, ks, vt8, vs, scale, out, config):
+    b, h, m, d = q8.shape
+    n = k8.shape[2]
+    args = (q8, k8, vt8, qs, ks, vs, out, h, m, n, float(scale) * _LOG2E,
+            q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
+            vt8.stride(0), vt8.stride(1), vt8.stride(2), out.stride(0), out.stride(1), out.stride(2))
+    if config is not None:
+        c = dict(config)
+        _fp8_attention_even()[(triton.cdiv(m, c["BLOCK_M"]), b * h)](
+            *args, HEAD_DIM=d, EXACT_CAST=_interpreting(), **c)
+    else:
+        _tuned_fp8_attention()[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), b * h)](
+            *args, HEAD_DIM=d, EXACT_CAST=_interpreting())
+    return out
+
+
+def fp8_attention_block_n() -> int | None:
+    """The BLOCK_N the attention kernel ran with in this process (the pinned config's, else the
+    autotuner's pick; None before the first tuned call): the reference's ``block_n`` that equals it."""
+    pinned = _pinned_attention_config()
+    if pinned is not None:
+        return pinned["BLOCK_N"]
+    if not HAVE_TRITON:
+        return None
+    best = getattr(_tuned_fp8_attention(), "best_config", None)
+    return best.kwargs["BLOCK_N"] if best is not None else None
+
+
+def _fp8_attention_gpu_ok(t: torch.Tensor, backend: str) -> bool:
+    """Whether the Triton path runs (FP8: CUDA, compute capability 8.9+, triton); ``backend='triton'``
+    where it cannot is a KernelUnavailable naming why."""
+    return _use_triton(t, backend, fp8=True)
+
+
+# ---------------------------------------------------------------------------- public ops
+def quantize_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto"):
+    """The FP8 operands of :func:`fp8_attention`: ``(q8, qs, k8, ks, vt8, vs)`` with Q and K as E4M3
+    codes ``[B, H, tokens, D]`` (contiguous) and one float32 scale per (batch, head, token) row
+    (max|row| / 448), and V as the E4M3 codes of V^T ``[B, H, D, N]`` (contiguous) with one scale
+    per (batch, head, channel) (max over the keys / 448). ``codes * scales`` equals
+    ``fake_quant_tokens_fp8`` of the rows (of V^T's rows) bit for bit (Triton or torch)."""
+    _check_attention(q, k, v, "quantize_attention_fp8")
+    if _fp8_attention_gpu_ok(q, backend):
+        with _kernel_errors("the FP8 attention's quantization passes"):
+            q8, qs = _attn_quant_rows_triton(q)
+            k8, ks = _attn_quant_rows_triton(k)
+            vt8, vs = _attn_quant_v_triton(v)
+    else:
+        q8, qs = _attn_quant_rows_ref(q)
+        k8, ks = _attn_quant_rows_ref(k)
+        vt8, vs = _attn_quant_v_ref(v)
+    return q8, qs, k8, ks, vt8, vs
+
+
+def fp8_attention_quantized(q8, qs, k8, ks, vt8, vs, scale: float, out_dtype: torch.dtype = torch.bfloat16,
+                            backend: str = "auto", block_n: int | None = FP8_ATTN_REF_BLOCK_N,
+                            config: dict | None = None) -> torch.Tensor:
+    """The attention of :func:`fp8_attention` on operands from :func:`quantize_attention_fp8` (or
+    from compiled torch ops computing the same): ``[B, H, M, D]`` in ``out_dtype``, laid out as
+    ``[B, M, H, D]``. ``backend='torch'`` (or where the Triton path cannot run) is the reference
+    with key blocks of ``block_n`` (None: one block, the global row max); ``config`` pins the
+    kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of autotuning."""
+    b, h, m, n, d = _check_quantized(q8, qs, k8, ks, vt8, vs)
+    if out_dtype not in _ATTN_DTYPES:
+        raise ValueError(f"fp8_attention_quantized: out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+    if not _fp8_attention_gpu_ok(q8, backend):
+        return _fp8_attention_ref(q8, qs, k8, ks, vt8, vs, scale, out_dtype, block_n)
+    out = _attn_out(b, h, m, d, out_dtype, q8.device)
+    return _fp8_attention_launch(q8, qs, k8, ks, vt8, vs, scale, out, config)
+
+
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                  backend: str = "auto") -> torch.Tensor:
+    """FP8 E4M3 attention (no mask, no dropout, not causal): ``softmax(Q K^T * scale) V`` for
+    ``q [B, H, M, D]``, ``k, v [B, H, N, D]`` (bfloat16, float16 or float32; D = 64 or 128; any
+    strides with D contiguous), ``scale`` default ``D ** -0.5``; the output ``[B, H, M, D]`` in the
+    input's dtype (laid out as ``[B, M, H, D]``).
+
+    Numerics (issue 9's simulation, passes/quant.py ``fp8_sdpa``, with two changes):
+
+    * Q and K: E4M3 with one scale per (batch, head, token) row (max|row| / 448), as fp8_sdpa;
+      the scales multiply the exact FP8 dot's float32 result (with the softmax scale);
+    * V: E4M3 with one scale per (batch, head, **channel**) (max over the keys / 448) instead of
+      per key row: a per-key scale varies along the K axis of P @ V and cannot leave the product,
+      a per-channel one is one multiply of the output (and E4M3 is a float: its relative rounding
+      error does not depend on the scale over a 2^15 range, so per-channel loses nothing measurable);
+    * P = exp(S - m) with ``m`` the **running** row max of the online softmax after each key
+      block (fp8_sdpa: the global row max), in E4M3 at the fixed scale 1/448; the row sums (of
+      the unquantized P) and the normalisation in float32. A block seen before the row's max is
+      quantized against a smaller max, i.e. at most as coarsely (the same 3-bit relative rounding,
+      less underflow), then rescaled in float32: the result equals the global-max one up to the
+      FP8 rounding of P (tests/test_fp8_attention.py bounds the difference).
+
+    ``backend``: 'triton' (CUDA, compute capability 8.9+), 'torch' (the reference, any device:
+    ``_fp8_attention_ref`` with key blocks of ``FP8_ATTN_REF_BLOCK_N``), 'auto' (Triton where it
+    runs). The kernel equals the reference run with its config's BLOCK_N up to float32 rounding
+    (summation order, exp2) and the rare FP8 rounding flip that causes."""
+    _check_attention(q, k, v)
+    b, h, m, d = q.shape
+    sm = float(scale) if scale is not None else d ** -0.5
+    ops = quantize_attention_fp8(q, k, v, backend=backend)
+    return fp8_attention_quantized(*ops, scale=sm, out_dtype=q.dtype, backend=backend)

@@ -21,6 +21,12 @@ compiler caches, so preparation times are cold; freed memory between variants):
 * ``mixed-fp8``: the synthetic mixed plan on FP8 math: its W4A8 layers run INT4 weights with FP8
   E4M3 activations (``w4f8``: the weight expanded to an FP8 scratch, ``torch._scaled_mm``) and its
   W8A8 layers FP8 (same weight memory as ``mixed``);
+* ``fp8-attn`` / ``mixed-fp8-attn``: ``fp8`` / ``mixed-fp8`` with the attention itself in FP8 E4M3
+  (``backends/attention.py``: diffusers' SDPA calls routed to ``kernels.fp8_attention`` inside
+  ``use_fp8_attention``, compiled as the custom op ``adatsq::fp8_attention`` with the Q/K/V
+  quantization as compiled ops in front of it, or inside the op with ``--attn-quant kernel``); the row
+  records the FP8 attention calls per step (``fp8_attention_calls_per_step``: one per block, else
+  the attention fell back to the stock SDPA);
 * ``torchao-fp8``: torchao's ``Float8DynamicActivationFloat8WeightConfig(PerRow())`` on the same
   linears, then ``torch.compile`` (the peer), with a time limit (its compilation was measured at
   393 s on 4 + 8 blocks).
@@ -43,6 +49,7 @@ the same inputs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -60,7 +67,15 @@ import torch
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_attention_heads=24, attention_head_dim=128,
                 joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                 axes_dims_rope=(16, 56, 56))
-VARIANTS = ("bf16", "int8", "fp8", "mixed", "mixed-fp8", "torchao-fp8")
+VARIANTS = ("bf16", "int8", "fp8", "mixed", "mixed-fp8", "fp8-attn", "mixed-fp8-attn", "torchao-fp8")
+
+
+def split_variant(variant: str) -> tuple[str, bool]:
+    """``'mixed-fp8-attn'`` -> ``('mixed-fp8', True)``: the linears' variant and whether the attention
+    runs in FP8."""
+    if variant.endswith("-attn"):
+        return variant[: -len("-attn")], True
+    return variant, False
 
 
 # =========================================================================== the model
@@ -180,7 +195,7 @@ def cuda_ms(fn, warmup: int, reps: int) -> list[float]:
 #: kernel-name patterns of the step-time breakdown (first match wins; lower-case substrings)
 KERNEL_CATEGORIES = (
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")),
-    ("quantization", ("quant_rows", "amax", "_unpack", "unpack_int4")),
+    ("quantization", ("quant_rows", "amax", "_unpack", "unpack_int4", "attn_quant")),
     ("gemm", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "_scaled_mm", "sm90_", "cublas", "matmul", "_mm_")),
 )
 
@@ -236,12 +251,19 @@ def run_variant(args) -> dict:
 
     torch.backends.cuda.matmul.allow_tf32 = True
     row = dict(variant=args.variant, double=args.double, single=args.single)
+    variant, fp8_attn = split_variant(args.variant)
     model = make_model(args.double, args.single, args.seed)
     inputs = make_inputs(args.image_tokens, args.text_tokens)
     names = block_linears(model)
     with torch.no_grad():
         ref = model(**inputs)[0].float()
     torch.cuda.synchronize()
+    if fp8_attn:  # after the reference: from here on (compilation and timing) the attention runs in FP8
+        from adatsq.backends import attention
+
+        attn_stack = contextlib.ExitStack()  # held (a collected generator context would restore the SDPA)
+        attn_stack.enter_context(attention.use_fp8_attention(args.attn_quant))
+        row["attention"] = f"fp8 (quantize={args.attn_quant})"
     bf16_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     row["bf16_weight_bytes"] = bf16_bytes
     row["block_linear_params"] = sum(dict(model.named_modules())[n].weight.numel() for n in names)
@@ -249,14 +271,14 @@ def run_variant(args) -> dict:
     clock = StepClock(args.steps)
     segments = {"all": [0]}
     t0 = time.perf_counter()
-    if args.variant in ("int8", "fp8", "mixed", "mixed-fp8"):
-        if args.variant == "mixed-fp8":
+    if variant in ("int8", "fp8", "mixed", "mixed-fp8"):
+        if variant == "mixed-fp8":
             plan = synthetic_plan(names, args.steps, args.int8_steps, fp8=True)
-        elif args.variant == "mixed":
+        elif variant == "mixed":
             plan = (mapped_plan(names, args.steps, args.plan) if args.plan
                     else synthetic_plan(names, args.steps, args.int8_steps))
         else:
-            plan = {n: (("w8a8" if args.variant == "int8" else "fp8"),) * args.steps for n in names}
+            plan = {n: (("w8a8" if variant == "int8" else "fp8"),) * args.steps for n in names}
         lower_linears(model, plan, clock, keep_originals=False)
         # segments: steps with the same kernels everywhere
         seg_of = {}
@@ -265,9 +287,9 @@ def run_variant(args) -> dict:
         segments = {f"seg{i}": ks for i, ks in enumerate(seg_of.values())}
         row["plan"] = {"kinds": sorted({x for p in plan.values() for x in p}),
                        "segments": {s: ks for s, ks in segments.items()},
-                       "source": (args.plan if args.variant == "mixed" and args.plan else
-                                  "synthetic" if args.variant.startswith("mixed") else args.variant)}
-    elif args.variant == "torchao-fp8":
+                       "source": (args.plan if variant == "mixed" and args.plan else
+                                  "synthetic" if variant.startswith("mixed") else variant)}
+    elif variant == "torchao-fp8":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
         skip = set(n for n in names if role(n) == "adaln") if not args.torchao_adaln else set()
@@ -302,8 +324,12 @@ def run_variant(args) -> dict:
         for s, ks in segments.items():
             clock.step = ks[0]
             torch.cuda.reset_peak_memory_stats()
+            if fp8_attn:
+                calls = attention.CALLS["fp8"]
             y = fn(**inputs)[0]
             torch.cuda.synchronize()
+            if fp8_attn:
+                row.setdefault("fp8_attention_calls_per_step", {})[s] = attention.CALLS["fp8"] - calls
             peaks[s] = torch.cuda.max_memory_allocated()
             errs[s] = rel_err(y, ref)
             del y
@@ -319,6 +345,8 @@ def run_variant(args) -> dict:
     row["ms_per_step"] = sum(row["segments_ms"][s] * len(ks) for s, ks in segments.items()) / n
     row["peak_bytes"] = max(peaks.values())
     row["rel_err_vs_bf16_eager"] = errs
+    if fp8_attn:
+        attn_stack.close()
     return row
 
 
@@ -336,6 +364,8 @@ def child_cmd(args, variant: str, double: int, single: int) -> list[str]:
         cmd += ["--torchao-adaln"]
     if args.profile:
         cmd += ["--profile"]
+    if args.attn_quant != "compiled":
+        cmd += ["--attn-quant", args.attn_quant]
     return cmd
 
 
@@ -359,6 +389,9 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true",
                    help="also break each segment's GPU kernel time down by category (gemm, attention, "
                         "quantization, other) with torch.profiler")
+    p.add_argument("--attn-quant", choices=("compiled", "kernel"), default="compiled",
+                   help="*-attn variants: quantize Q/K/V as compiled ops in front of the FP8 attention op "
+                        "(compiled, default) or with the Triton passes inside it (kernel)")
     p.add_argument("--json", help="results JSON (rewritten after every variant)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)

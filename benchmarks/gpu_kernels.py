@@ -20,6 +20,18 @@ median of ``--reps`` replays:
 Each kernel's output is compared with the reference ops (float64 on the GPU, from passes/quant.py's
 numerics): ``err`` = max |out - ref| / max |ref|. ``--sweep`` also times every candidate config of
 each Triton GEMM on its own (the data behind the autotune lists in backends/kernels.py).
+
+Attention (``--shapes attn``: Flux-dev's B=1, H=24, N=4608, D=128; or ``attn:B,H,N,D``), inputs in
+diffusers' layout (``[B, N, H, D]`` viewed as ``[B, H, N, D]``), TFLOP/s = 4 B H N^2 D / time:
+
+* ``sdpa_bf16``: ``F.scaled_dot_product_attention`` in BF16 (torch's pick), the baseline;
+  ``sdpa_flash`` / ``sdpa_cudnn`` / ``sdpa_efficient``: pinned to one SDPA backend (where it runs);
+* ``fp8_attention``: ``kernels.fp8_attention`` (the Q/K/V quantization passes + the FP8 kernel,
+  autotuned); ``fp8_attn_kernel``: the kernel alone on pre-quantized operands; ``fp8_attn_quant``:
+  the quantization passes alone; ``fp8_attn_cfg*``: each config of ``FP8_ATTN_CONFIGS`` alone.
+
+``err_vs_fp32`` = ||out - SDPA_fp32|| / ||SDPA_fp32||; ``err_vs_ref`` = the same against the
+kernel's reference (``_fp8_attention_ref`` at the tuned BLOCK_N).
 """
 
 from __future__ import annotations
@@ -55,6 +67,9 @@ ADALN_SHAPES = [  # batch 1: Flux-dev's adaLN modulation linears (double / singl
 SMALL_M_SHAPES = [  # few tokens: weight traffic matters (W4A16's case)
     (256, 21504, 3072),
     (256, 3072, 15360),
+]
+ATTN_SHAPES = [  # (batch, heads, tokens, head_dim): Flux-dev's attention at 1024x1024 (4096 + 512 tokens)
+    (1, 24, 4608, 128),
 ]
 
 
@@ -287,22 +302,97 @@ def run_shape(m, n, k, args, sweep_rows):
     return res
 
 
+def run_attention(b, h, n, d, args):
+    """FP8 attention vs BF16 SDPA at one shape (see the module doc)."""
+    torch.manual_seed(4242 + n)
+    flops = 4.0 * b * h * n * n * d
+    q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16).permute(0, 2, 1, 3) for _ in range(3))
+    res = {"attention": [b, h, n, d], "gflop": flops / 1e9}
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).double()
+
+    def record(name, fn, ref=None, count_flops=True):
+        try:
+            row = {}
+            if ref is not None:
+                poison_like((b * n * h, d), torch.bfloat16)
+                out = fn()
+                row["err_vs_fp32"] = norm_err(out, exact)
+                row["max_err_vs_fp32"] = rel_err(out, exact)
+                if ref is not True:
+                    row["err_vs_ref"] = norm_err(out, ref)
+                del out
+            row["ms"] = bench(fn, args.inner, args.reps)
+            if count_flops:
+                row["tflops"] = flops / row["ms"] / 1e9
+            res[name] = row
+        except Exception as exc:  # recorded, the other rows still run
+            res[name] = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+            traceback.print_exc()
+
+    record("sdpa_bf16", lambda: F.scaled_dot_product_attention(q, k, v), ref=True)
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for name, be in (("sdpa_flash", "FLASH_ATTENTION"), ("sdpa_cudnn", "CUDNN_ATTENTION"),
+                         ("sdpa_efficient", "EFFICIENT_ATTENTION")):
+            if hasattr(SDPBackend, be):
+                def pinned(be=be):
+                    with sdpa_kernel(getattr(SDPBackend, be)):
+                        return F.scaled_dot_product_attention(q, k, v)
+                record(name, pinned, ref=True)
+    except ImportError:
+        pass
+    scale = d ** -0.5
+    try:
+        ops = K.quantize_attention_fp8(q, k, v, backend="triton")
+        K.fp8_attention_quantized(*ops, scale=scale, backend="triton")  # tunes
+        best = getattr(K._tuned_fp8_attention(), "best_config", None)
+        res["fp8_attn_best_config"] = (K._pinned_attention_config() or
+                                       (dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
+                                        if best is not None else None))
+        block_n = K.fp8_attention_block_n() or K.FP8_ATTN_REF_BLOCK_N
+        ref = K._fp8_attention_ref(*ops, scale, torch.float32, block_n=block_n).double()
+    except Exception as exc:
+        res["fp8_attention"] = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+        traceback.print_exc()
+        return res
+    record("fp8_attention", lambda: K.fp8_attention(q, k, v, backend="triton"), ref=ref)
+    record("fp8_attn_kernel", lambda: K.fp8_attention_quantized(*ops, scale=scale, backend="triton"), ref=ref)
+    record("fp8_attn_quant", lambda: K.quantize_attention_fp8(q, k, v, backend="triton"), count_flops=False)
+    out = K._attn_out(b, h, n, d, torch.bfloat16, "cuda")
+    for i, cfg in enumerate(K.FP8_ATTN_CONFIGS):
+        record(f"fp8_attn_cfg{i}", lambda cfg=cfg: K._fp8_attention_launch(*ops, scale, out, config=cfg))
+        res[f"fp8_attn_cfg{i}"]["config"] = cfg
+    base = res["sdpa_bf16"].get("ms")
+    for name, row in res.items():
+        if isinstance(row, dict) and "ms" in row and base:
+            row["speedup"] = base / row["ms"]
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--sweep", action="store_true", help="also time every candidate config alone")
-    ap.add_argument("--shapes", default="flux", help="';'-separated: 'flux', 'small', 'adaln' or M,N,K")
+    ap.add_argument("--shapes", default="flux",
+                    help="';'-separated: 'flux', 'small', 'adaln', M,N,K, 'attn' (FP8 attention at Flux-dev's "
+                         "shape) or attn:B,H,N,D")
     ap.add_argument("--inner", type=int, default=10)
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or not K.HAVE_TRITON:
         print("needs a CUDA GPU and triton", file=sys.stderr)
         return 2
-    shapes = []
+    shapes, attn_shapes = [], []
     for part in args.shapes.split(";"):
-        shapes += FLUX_SHAPES if part == "flux" else SMALL_M_SHAPES if part == "small" else \
-            ADALN_SHAPES if part == "adaln" else [
-            tuple(int(v) for v in part.split(","))]
+        if part == "attn":
+            attn_shapes += ATTN_SHAPES
+        elif part.startswith("attn:"):
+            attn_shapes.append(tuple(int(v) for v in part[5:].split(",")))
+        else:
+            shapes += FLUX_SHAPES if part == "flux" else SMALL_M_SHAPES if part == "small" else \
+                ADALN_SHAPES if part == "adaln" else [
+                tuple(int(v) for v in part.split(","))]
     import triton
 
     meta = {
@@ -325,11 +415,38 @@ def main(argv=None) -> int:
         if args.json:  # after every shape: a run cut short still leaves its numbers
             with open(args.json, "w") as f:
                 json.dump({"meta": meta, "results": results, "sweep": sweep_rows}, f, indent=1)
+    for b, h, n, d in attn_shapes:
+        print(f"attention B={b} H={h} N={n} D={d}", flush=True)
+        res = run_attention(b, h, n, d, args)
+        results.append(res)
+        print(json.dumps(res), flush=True)
+        torch.cuda.empty_cache()
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "results": results, "sweep": sweep_rows}, f, indent=1)
     names = ["bf16", "int8_gemm", "quant_int8", "w8a8", "fp8_mm", "fp8", "w4a8_mm", "w4a8_fused", "w4a8_unpack",
              "w4a8", "w4a8_g128", "w4f8", "w4a16", "w4a16_g128"]
     print(f"\n{meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}")
     print("ms (speed-up vs bf16) [max rel err vs reference]")
     for res in results:
+        if "attention" in res:
+            b, h, n, d = res["attention"]
+            cells = []
+            for name in ("sdpa_bf16", "sdpa_flash", "sdpa_cudnn", "fp8_attention", "fp8_attn_kernel",
+                         "fp8_attn_quant"):
+                r = res.get(name, {})
+                if "ms" in r:
+                    cell = f"{name} {r['ms']:.3f} ({r.get('speedup', float('nan')):.2f}x"
+                    cell += f", {r['tflops']:.0f} TFLOP/s)" if "tflops" in r else ")"
+                    if "err_vs_fp32" in r:
+                        cell += f" [{r['err_vs_fp32']:.1e}]"
+                elif name in res:
+                    cell = f"{name} FAILED"
+                else:
+                    continue
+                cells.append(cell)
+            print(f"attention {b}x{h}x{n}x{d}: " + "; ".join(cells) + f"; best {res.get('fp8_attn_best_config')}")
+            continue
         m, n, k = res["shape"]
         cells = []
         for name in names:

@@ -30,12 +30,15 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" out/gs
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 lscpu | grep -m1 "Model name"
 WIDE=W2A2,W2A4,W3A3,W4A2,W4A4,W4A8,W8A8,FP16
+WIDE_NV=W2A2,W2A4,W3A3,W4A2,W4A4,NVFP4,W4A8,W8A8,FP16
 quiet() { grep -vE "^W[0-9]{4}|UserWarning|FutureWarning|return cls|warnings.warn|━| [0-9]+/[0-9]+$" || true; }
 flags() {
   case "$1" in
     w3a3-wide) echo "--budget W3A3 --lattice $WIDE" ;;
     w4a4-wide) echo "--budget W4A4 --lattice $WIDE" ;;
     w4a4) echo "--budget W4A4" ;;
+    w45-nvfp4) echo "--budget W4.5A4.5 --lattice $WIDE_NV" ;;     # NVFP4's bits, NVFP4 in the lattice
+    nvfp4-uniform) echo "--budget W4.5A4.5 --lattice NVFP4,FP16" ;; # uniform NVFP4 on our base (no search)
     *) echo "unknown configuration $1" >&2; return 1 ;;
   esac
 }

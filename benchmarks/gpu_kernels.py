@@ -203,6 +203,26 @@ def sweep_configs(m, n, k, a, a_s, w8, pw4, pw4g, x, out_rows):
 
 
 # ---------------------------------------------------------------------------------------- main
+def timed_row(res, name, fn, args, flops, out_shape, check=None):
+    """``res[name]``: ``check(fn())``'s errors (the output written over NaN-poisoned memory of
+    ``out_shape``), then ``fn``'s time (and TFLOP/s for ``flops`` > 0); an exception is recorded,
+    and the other rows still run."""
+    try:
+        row = {}
+        if check is not None:
+            poison_like(out_shape, torch.bfloat16)
+            out = fn()
+            row.update(check(out))
+            del out
+        row["ms"] = bench(fn, args.inner, args.reps)
+        if flops:
+            row["tflops"] = flops / row["ms"] / 1e9
+        res[name] = row
+    except Exception as exc:  # recorded, the other rows still run
+        res[name] = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+        traceback.print_exc()
+
+
 def run_shape(m, n, k, args, sweep_rows):
     torch.manual_seed(1000 + n + k)
     flops = 2.0 * m * n * k
@@ -213,25 +233,15 @@ def run_shape(m, n, k, args, sweep_rows):
 
     def record(name, fn, ref=None, gemm_flops=True, vs_bf16=False):
         """Check ``fn``'s output against ``ref()`` (over NaN-poisoned memory), then time it."""
-        try:
-            row = {}
-            if ref is not None:
-                poison_like((m, n), torch.bfloat16)
-                out = fn()
-                r = ref()
-                row["err"] = rel_err(out, r)
-                row["norm_err"] = norm_err(out, r)
-                del r
-                if vs_bf16:
-                    row["err_vs_bf16"] = rel_err(out, bf16_out)
-                del out
-            row["ms"] = bench(fn, args.inner, args.reps)
-            if gemm_flops:
-                row["tflops"] = flops / row["ms"] / 1e9
-            res[name] = row
-        except Exception as exc:  # recorded, the other kernels still run
-            res[name] = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
-            traceback.print_exc()
+        def check(out):
+            r = ref()
+            row = dict(err=rel_err(out, r), norm_err=norm_err(out, r))
+            if vs_bf16:
+                row["err_vs_bf16"] = rel_err(out, bf16_out)
+            return row
+
+        timed_row(res, name, fn, args, flops if gemm_flops else 0.0, (m, n),
+                  check if ref is not None else None)
 
     record("bf16", lambda: F.linear(x, wb))
     bf16_out = F.linear(x, wb).double()
@@ -311,23 +321,14 @@ def run_attention(b, h, n, d, args):
     exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).double()
 
     def record(name, fn, ref=None, count_flops=True):
-        try:
-            row = {}
-            if ref is not None:
-                poison_like((b * n * h, d), torch.bfloat16)
-                out = fn()
-                row["err_vs_fp32"] = norm_err(out, exact)
-                row["max_err_vs_fp32"] = rel_err(out, exact)
-                if ref is not True:
-                    row["err_vs_ref"] = norm_err(out, ref)
-                del out
-            row["ms"] = bench(fn, args.inner, args.reps)
-            if count_flops:
-                row["tflops"] = flops / row["ms"] / 1e9
-            res[name] = row
-        except Exception as exc:  # recorded, the other rows still run
-            res[name] = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
-            traceback.print_exc()
+        def check(out):
+            row = dict(err_vs_fp32=norm_err(out, exact), max_err_vs_fp32=rel_err(out, exact))
+            if ref is not True:
+                row["err_vs_ref"] = norm_err(out, ref)
+            return row
+
+        timed_row(res, name, fn, args, flops if count_flops else 0.0, (b * n * h, d),
+                  check if ref is not None else None)
 
     record("sdpa_bf16", lambda: F.scaled_dot_product_attention(q, k, v), ref=True)
     try:

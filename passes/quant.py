@@ -281,16 +281,21 @@ def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
 
 def unpack_fp4(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of :func:`pack_fp4`: int8 codes (``2 v``) of ``shape``."""
+    nib = _nibbles(packed, shape, "unpack_fp4")
+    mag = torch.tensor(_FP4_CODES, dtype=torch.int16)[(nib & 7).long()]
+    return torch.where(nib >= 8, -mag, mag).to(torch.int8).reshape(shape)
+
+
+def _nibbles(packed: torch.Tensor, shape: tuple[int, ...], who: str) -> torch.Tensor:
+    """The first ``prod(shape)`` 4-bit fields of ``packed`` (low nibble first), as int16."""
     p = packed.reshape(-1).to(torch.int16)
     nib = torch.stack([p & 0xF, (p >> 4) & 0xF], dim=1).reshape(-1)
-    mag = torch.tensor(_FP4_CODES, dtype=torch.int16)[(nib & 7).long()]
-    vals = torch.where(nib >= 8, -mag, mag).to(torch.int8)
     n = 1
     for d in shape:
         n *= d
-    if vals.numel() < n:
-        raise ValueError(f"unpack_fp4: {packed.numel()} bytes cannot hold {n} codes")
-    return vals[:n].reshape(shape)
+    if nib.numel() < n:
+        raise ValueError(f"{who}: {packed.numel()} bytes cannot hold {n} codes")
+    return nib[:n]
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -307,12 +312,5 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 
 def unpack_int4(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of :func:`pack_int4`: int8 codes of ``shape``."""
-    p = packed.reshape(-1).to(torch.int16)
-    nib = torch.stack([p & 0xF, (p >> 4) & 0xF], dim=1).reshape(-1)
-    vals = torch.where(nib >= 8, nib - 16, nib).to(torch.int8)
-    n = 1
-    for d in shape:
-        n *= d
-    if vals.numel() < n:
-        raise ValueError(f"unpack_int4: {packed.numel()} bytes cannot hold {n} codes")
-    return vals[:n].reshape(shape)
+    nib = _nibbles(packed, shape, "unpack_int4")
+    return torch.where(nib >= 8, nib - 16, nib).to(torch.int8).reshape(shape)

@@ -675,7 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--variant", action="append", metavar="V",
                     help="fp (always run), w<W>a<A>-<method> (e.g. w4a8-rtn, w4a4-svdquant) or a peer "
                     "(modelopt-int8-sq, modelopt-int4-awq, modelopt-w4a8-awq, torchao-int8-dyn, torchao-int4-wo; "
-                    "pip install 'adatsq[peers]') (repeatable)")
+                    "pip install 'adatsq[peers]'), fp8-attention (the FP model with FP8 attention numerics) or "
+                    "fp8-attention-kernel (the same with the FP8 attention kernel's own numerics) (repeatable)")
     pv.add_argument("--method", action="append", metavar="M",
                     help="with --bits: rtn, gptq, gptq-fisher, gptq-fisher-latent, smoothquant, quarot, svdquant, "
                     "qdit, viditq (repeatable)")
@@ -770,7 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: unconstrained)")
     pb.add_argument("--lattice", metavar="POINTS",
                     help="the precisions the search may use, comma-separated (e.g. W2A4,W3A3,W4A2,W4A4,W8A8,FP16): "
-                         "for simulate any WxAy with x in 2,3,4,6,8 and y in 2,3,4,6,8,16; for a deployment "
+                         "for simulate any WxAy with x in 2,3,4,6,8 and y in 2,3,4,6,8,16, and NVFP4 / NVFP4A16 "
+                         "(FP4 in blocks of 16 with FP8 scales: 4.5 bits in the budget); for a deployment "
                          "target a subset of what it executes (default: the target's lattice)")
     pb.add_argument("--device", default="cpu",
                     help="where the search runs: cpu (default) or cuda[:N]; a GPU makes hundreds of "

@@ -85,7 +85,7 @@ class EvalConfig:
                 if kind in ("deployed", "ort") and not (d / "onnx" / "manifest.json").is_file():
                     raise InputError(f"eval: {d} has no lowered ONNX (onnx/manifest.json); build it with "
                                      f"--target onnxruntime")
-            elif v not in ("fp", FP8_ATTENTION):
+            elif v not in ("fp", *FP8_ATTENTION_VARIANTS):
                 parse_variant(v)
                 if variant_method(v) == "peer":
                     from .peers import check_device as check_peer_device
@@ -96,6 +96,11 @@ class EvalConfig:
 #: the FP model with FP8 attention (Q, K, V and the probabilities in FP8 E4M3:
 #: :func:`~adatsq.passes.quant.fp8_sdpa`): what an FP8 attention kernel would cost in quality
 FP8_ATTENTION = "fp8-attention"
+#: the FP model with the FP8 attention kernel's own numerics (``backends/attention.py``; on the CPU
+#: its torch reference: V scaled per channel, probabilities against the online softmax's running
+#: max per 128-key block), where ``fp8-attention`` is the idealised kernel (global row max)
+FP8_ATTENTION_KERNEL = "fp8-attention-kernel"
+FP8_ATTENTION_VARIANTS = (FP8_ATTENTION, FP8_ATTENTION_KERNEL)
 
 #: variants that sample a build directory: ``plan:DIR`` the search's simulation (per-token
 #: activations), ``deployed:DIR`` the PyTorch reference of what the lowered ONNX computes (static
@@ -195,6 +200,10 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | Non
             from ..passes.quant import fp8_attention
 
             ctx = fp8_attention()
+        elif variant == FP8_ATTENTION_KERNEL:
+            from ..backends.attention import use_fp8_attention
+
+            ctx = use_fp8_attention()
         elif build_variant(variant)[0] is not None:  # a build directory: plan.json + weights.safetensors
             from ..passes.weights import load_weight_copies, plan_transforms
 
@@ -253,7 +262,7 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[str, int, int], None] | Non
         return np.concatenate(out)
 
     for variant in dict.fromkeys(("fp",) + tuple(cfg.variants)):  # fp first: the fidelity reference
-        w_bits, a_bits = ((16, 16) if variant in ("fp", FP8_ATTENTION) or build_variant(variant)[0] is not None
+        w_bits, a_bits = ((16, 16) if variant in ("fp", *FP8_ATTENTION_VARIANTS) or build_variant(variant)[0] is not None
                           else parse_variant(variant))
         t0 = time.perf_counter()
         try:

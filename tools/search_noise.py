@@ -36,7 +36,7 @@ def main(argv=None) -> int:
 
     from ..frontend.export import export_model
     from ..frontend.reference import load_reference
-    from ..passes.analysis import AnalysisOptions, analyze, parse_precision
+    from ..passes.analysis import AnalysisOptions, analyze, parse_point
     from ..passes.cache import default_cache_root
     from ..passes.calibration import reference_calibration
     from ..passes.plan import Precision
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     budget = parse_budget(args.budget)
-    point = Precision(args.point.upper(), *parse_precision(args.point.upper()))
+    point = Precision(args.point.upper(), *parse_point(args.point.upper()))
     ref = load_reference(args.model)
     graph = export_model(args.model)
     calib = reference_calibration(ref)

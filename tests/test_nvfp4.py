@@ -185,3 +185,17 @@ def test_weight_file_holds_nvfp4_copies_and_backends_refuse_them(tmp_path):
         check_lowerable(plan)
     with pytest.raises(InputError, match="runs at NVFP4, which the torch runtime has no kernel for"):
         lower_to_torch(den.transformer, plan, idx, StepClock(calib.schedule.num_steps))
+
+
+def test_memory_view_counts_one_fp8_scale_per_nvfp4_block():
+    from types import SimpleNamespace
+
+    from adatsq.tools.build import plan_memory
+
+    w = torch.zeros(32, 64)
+    plan = SimpleNamespace(lattice=(Precision("NVFP4", 4, 4, "nvfp4"),), layers=("l.weight",),
+                           assignment=(("NVFP4",),))
+    mem = plan_memory(plan, {"l.weight": w}, {"l.weight": [(4, 16, "nvfp4")]}, None)
+    # 4-bit codes plus one byte per block of 16: 4.5 bits a weight
+    assert mem["quantized_copies_bytes"] == 32 * 64 // 2 + 32 * 4 == w.numel() * 4.5 / 8
+    assert mem["ratio_to_fp16"] == round(4.5 / 16, 4)

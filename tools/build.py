@@ -160,6 +160,7 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     from ..passes.cache import options_key
     from ..passes.search import layer_transform_factory, parse_budget, search_plan, target_lattice
     from ..passes.plan import fingerprint_graph
+    from ..passes.quant import nvfp4_block
     from ..passes.weights import GPTQWeights, prepare_layers
     from .io import atomic_write_text
 
@@ -257,7 +258,8 @@ def build(out: str | Path, opts: BuildOptions, log: Callable[[str], None] = prin
     for i, p in enumerate(plan.layers):
         kinds = {(by_name[row[i]].w_bits, by_name[row[i]].fmt) for row in plan.assignment}
         g = group if group and params[p].shape[1] % group == 0 else None
-        requests[p] = [(b, g if b <= group_max_bits(opts.target) else None) if f == "int" else (b, None, f)
+        requests[p] = [(b, g if b <= group_max_bits(opts.target) else None) if f == "int"
+                       else (b, nvfp4_block(params[p].reshape(params[p].shape[0], -1).shape[1]), f)
                        for b, f in sorted(kinds) if b < 16]
     requests = {p: v for p, v in requests.items() if v}
     hess = "none" if opts.weights == "rtn" else ("uniform" if opts.weights == "gptq" else "fisher")

@@ -26,7 +26,7 @@ import dataclasses
 
 import torch
 
-from .quant import (QuantizedWeight, check_format, fp4_e2m1, nvfp4_block, nvfp4_weight_scales, qmax, quantize_weight,
+from .quant import (QuantizedWeight, check_format, fp4_at, nvfp4_block, nvfp4_weight_scales, qmax, quantize_weight,
                     weight_scales)
 
 
@@ -87,9 +87,6 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | None = N
     # scale of every (permuted) column: [O, K]
     col_group = perm if group_size is None else perm // group_size
     col_scale = scales[:, 0:1].expand(-1, K) if group_size is None else scales[:, col_group]
-    if nvfp4:  # a block whose scale is 0 quantizes to 0
-        col_safe = torch.where(col_scale > 0, col_scale, torch.ones_like(col_scale))
-        col_scale = torch.where(col_scale > 0, col_scale, torch.zeros_like(col_scale))
     qm = 0 if nvfp4 else qmax(bits)
     Q = torch.zeros_like(W)
     bs = options.block_size
@@ -102,7 +99,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | None = N
             col = W1[:, i]
             s = col_scale[:, i1 + i]
             if nvfp4:
-                q = fp4_e2m1(col / col_safe[:, i1 + i]) * s
+                q = fp4_at(col, s) * s  # a block whose scale is 0 quantizes to 0
             else:
                 q = torch.clamp(torch.round(col / s), -qm - 1, qm) * s
             Q[:, i1 + i] = q

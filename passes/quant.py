@@ -210,6 +210,13 @@ def fp4_e2m1(y: torch.Tensor) -> torch.Tensor:
     return torch.copysign(torch.round(a / step) * step, y)
 
 
+def fp4_at(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The FP4 values of ``x / scale`` (``scale`` broadcast against ``x``); 0 where the scale is 0
+    (an all-zero block, or one whose scale underflowed E4M3)."""
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.where(scale > 0, fp4_e2m1(x / safe), torch.zeros_like(x))
+
+
 def _nvfp4_blocks(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` [..., n, 16] and a float32 ``global_scale`` broadcastable to [..., 1, 1] -> (FP4 values
     of ``x / scale``, block scales [..., n, 1]): each block's max-abs / 6 in E4M3 units of the global
@@ -217,8 +224,7 @@ def _nvfp4_blocks(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Te
     amax = x.abs().amax(dim=-1, keepdim=True)
     rel = (amax / (FP4_MAX * global_scale)).clamp_max(FP8_MAX)
     scale = rel.to(torch.float8_e4m3fn).float() * global_scale
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.where(scale > 0, fp4_e2m1(x / safe), torch.zeros_like(x)), scale
+    return fp4_at(x, scale), scale
 
 
 def nvfp4_global_scale(amax: torch.Tensor) -> torch.Tensor:
@@ -242,8 +248,7 @@ def quantize_weight_nvfp4(w: torch.Tensor, scales: torch.Tensor | None = None) -
     g = w.reshape(w.shape[0], -1).float().reshape(w.shape[0], -1, block)
     if s.shape != g.shape[:2]:
         raise ValueError(f"NVFP4: scales {tuple(s.shape)} do not fit a weight of {tuple(w.shape)}")
-    safe = torch.where(s > 0, s, torch.ones_like(s))[:, :, None]
-    v = torch.where(s[:, :, None] > 0, fp4_e2m1(g / safe), torch.zeros_like(g))
+    v = fp4_at(g, s[:, :, None])
     return QuantizedWeight((2 * v).to(torch.int8).reshape(w.shape[0], -1), s / 2, 4, block,
                            tuple(w.shape), "nvfp4")
 
